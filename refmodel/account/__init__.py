@@ -1,0 +1,1 @@
+"""Accounting: the events the model counts and the cost table that prices them."""

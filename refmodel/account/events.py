@@ -1,0 +1,80 @@
+"""Events the model counts. Events are data: every layer adds to a
+:class:`Counters`; nothing prints.
+
+The names follow what the literature measures (Adams & Agesen, ASPLOS 2006; Barham
+et al., SOSP 2003): VM exits by reason, hypercalls and the entries they carry,
+emulated page-table writes, TLB flushes by kind, TLB hits and misses, page-walk
+memory references, context switches.
+"""
+
+import enum
+from collections import Counter
+
+
+class Event(enum.Enum):
+    """Every countable event, grouped by layer."""
+
+    # TLB and walks (SDM 4.10)
+    TLB_HIT = "tlb_hit"
+    TLB_MISS = "tlb_miss"
+    WALK_REF = "walk_ref"  #: one paging-structure (or EPT) entry read by a walk
+    TLB_FLUSH_FULL = "tlb_flush_full"  #: every entry of a tag set (CR3 load, CR4 change, all-context)
+    TLB_FLUSH_SINGLE = "tlb_flush_single"  #: one page (INVLPG, INVPCID type 0)
+    TLB_FLUSH_PCID = "tlb_flush_pcid"  #: one PCID (INVPCID type 1, CR3 load with PCIDs)
+    TLB_FLUSH_VPID = "tlb_flush_vpid"  #: one VPID (INVVPID, VM switch with tags)
+    TLB_FLUSH_GLOBAL = "tlb_flush_global"  #: everything, global entries included
+    GUEST_PAGE_FAULT = "guest_page_fault"  #: #PF delivered to the guest
+    # Hypervisor
+    VM_EXIT = "vm_exit"  #: any exit; the reason is counted separately (below)
+    HYPERCALL = "hypercall"
+    HYPERCALL_ENTRY = "hypercall_entry"  #: one request inside a batched hypercall
+    EMULATED_PT_WRITE = "emulated_pt_write"  #: a trapped guest page-table store, emulated
+    SHADOW_FILL = "shadow_fill"  #: a hidden fault that filled a shadow entry
+    SHADOW_RESYNC = "shadow_resync"  #: an out-of-sync page table resynchronised
+    EPT_WALK_REF = "ept_walk_ref"  #: an EPT entry read during a 2-D walk
+    CONTEXT_SWITCH = "context_switch"  #: a vCPU switch on the physical CPU
+    WORLD_SWITCH = "world_switch"  #: a switch between two domains
+
+
+class ExitReason(enum.Enum):
+    """VM-exit reasons the model raises (names after SDM Vol. 3C App. C)."""
+
+    PAGE_FAULT = "page_fault"  #: #PF intercepted (shadow paging: hidden or reflected)
+    PT_WRITE = "pt_write"  #: write to a write-protected guest page table (a #PF exit)
+    CR3_WRITE = "cr3_write"  #: MOV to CR3 intercepted
+    INVLPG = "invlpg"  #: INVLPG intercepted
+    EPT_VIOLATION = "ept_violation"
+    HYPERCALL = "hypercall"  #: VMCALL / PV syscall into the hypervisor
+    HLT = "hlt"
+
+
+class Counters:
+    """A bag of counts: events and VM exits by reason."""
+
+    def __init__(self) -> None:
+        self.events: Counter[Event] = Counter()
+        self.exits: Counter[ExitReason] = Counter()
+
+    def add(self, event: Event, n: int = 1) -> None:
+        if n:
+            self.events[event] += n
+
+    def exit(self, reason: ExitReason) -> None:
+        """Count one VM exit for ``reason``."""
+        self.exits[reason] += 1
+        self.events[Event.VM_EXIT] += 1
+
+    def __getitem__(self, event: Event) -> int:
+        return self.events[event]
+
+    def merged(self, other: "Counters") -> "Counters":
+        out = Counters()
+        out.events = self.events + other.events
+        out.exits = self.exits + other.exits
+        return out
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat, sorted mapping for reports and traces."""
+        d = {e.value: n for e, n in self.events.items() if n}
+        d.update({f"exit.{r.value}": n for r, n in self.exits.items() if n})
+        return dict(sorted(d.items()))

@@ -1,0 +1,1 @@
+"""Z3 specifications of refmodel's state, transitions and isolation invariants."""
