@@ -1,0 +1,100 @@
+"""Native: no hypervisor. The guest's physical frames are the machine's, its page
+tables are the ones the MMU walks, and every operation is the bare instruction
+(a store, MOV CR3, INVLPG). The baseline every other mode is compared with.
+"""
+
+from dataclasses import replace
+
+from ..account.events import Counters
+from ..arch.access import AccessKind
+from ..arch.fault import GeneralProtection, PageFault
+from ..arch.mmu import LoadResult, Mmu
+from ..arch.physmem import PhysicalMemory
+from ..arch.pte import Level
+from ..arch.tlb import Tlb
+from ..arch.types import ENTRY_SIZE, GFN, PAGE_SHIFT
+from ..arch.vcpu import ArchState
+from ..errors import RefmodelError
+from ..guest.ops import MmuBackend, Mode
+
+#: TLB geometry shared by every mode: 1536 entries, 12-way (a Skylake-class L2 STLB).
+TLB_CAPACITY = 1536
+TLB_WAYS = 12
+
+
+def hardware_access(mmu: Mmu, va: int, kind: AccessKind, cpl: int, value: int) -> int | PageFault:
+    """Run one access on an :class:`Mmu` at ``cpl`` and reduce it to what the guest sees."""
+    mmu.state = replace(mmu.state, cpl=cpl)
+    if kind is AccessKind.READ:
+        out: object = mmu.load(va)
+    elif kind is AccessKind.WRITE:
+        out = mmu.store(va, value)
+    else:
+        out = mmu.fetch(va)
+    if isinstance(out, PageFault):
+        return out
+    if isinstance(out, GeneralProtection):
+        raise RefmodelError(f"guest access {va:#x}: {out.reason}")
+    return out.value if isinstance(out, LoadResult) else 0
+
+
+class NativeBackend(MmuBackend):
+    """Bare metal: guest frame numbers are physical frame numbers."""
+
+    mode = Mode.NATIVE
+
+    def __init__(self, nr_frames: int, maxphyaddr: int = 40) -> None:
+        self.counters = Counters()
+        self.nr_frames = nr_frames
+        self.mem = PhysicalMemory(maxphyaddr)
+        self.mmu = Mmu(self.mem, ArchState(), Tlb(TLB_CAPACITY, TLB_WAYS, self.counters), self.counters)
+
+    def _pa(self, gfn: GFN, offset: int = 0) -> int:
+        if not 0 <= gfn < self.nr_frames:
+            raise RefmodelError(f"frame {gfn:#x} is outside the guest's {self.nr_frames} frames")
+        return (gfn << PAGE_SHIFT) + offset
+
+    def read_frame_u64(self, gfn: GFN, offset: int) -> int:
+        return self.mem.read_u64(self._pa(gfn, offset))
+
+    def write_frame_u64(self, gfn: GFN, offset: int, value: int) -> None:
+        self.mem.write_u64(self._pa(gfn, offset), value)
+
+    def copy_frame(self, src: GFN, dst: GFN) -> None:
+        self._pa(src), self._pa(dst)
+        self.mem.load_frame(dst, self.mem.frame_bytes(src))
+
+    def pte_frame(self, gfn: GFN) -> int:
+        return int(gfn)
+
+    def entry_gfn(self, frame: int) -> GFN:
+        return GFN(frame)
+
+    def read_pte(self, table: GFN, index: int) -> int:
+        return self.mem.read_u64(self._pa(table, index * ENTRY_SIZE))
+
+    def write_pte(self, table: GFN, index: int, level: Level, value: int) -> None:
+        self.mem.write_u64(self._pa(table, index * ENTRY_SIZE), value)
+
+    def new_table(self, table: GFN, level: Level) -> None:
+        self._pa(table)
+
+    def lazy_begin(self) -> None:
+        pass
+
+    def lazy_end(self) -> None:
+        pass
+
+    def load_cr3(self, root: GFN) -> None:
+        fault = self.mmu.mov_cr3(self._pa(root))
+        if fault is not None:
+            raise RefmodelError(f"load_cr3: {fault.reason}")
+
+    def invlpg(self, va: int) -> None:
+        self.mmu.invlpg(va)
+
+    def flush_tlb(self) -> None:
+        self.load_cr3(GFN(self.mmu.state.cr3 >> PAGE_SHIFT))
+
+    def access(self, va: int, kind: AccessKind, cpl: int = 3, value: int = 0) -> int | PageFault:
+        return hardware_access(self.mmu, va, kind, cpl, value)
