@@ -64,6 +64,19 @@ class Counters:
         self.exits[reason] += 1
         self.events[Event.VM_EXIT] += 1
 
+    def copy(self) -> "Counters":
+        out = Counters()
+        out.events = Counter(self.events)
+        out.exits = Counter(self.exits)
+        return out
+
+    def since(self, earlier: "Counters") -> "Counters":
+        """What was counted after ``earlier`` (a :meth:`copy` taken before)."""
+        out = Counters()
+        out.events = self.events - earlier.events
+        out.exits = self.exits - earlier.exits
+        return out
+
     def __getitem__(self, event: Event) -> int:
         return self.events[event]
 

@@ -21,6 +21,7 @@ once freed, so a freed page-table frame never comes back as data.
 
 from dataclasses import dataclass, field
 
+from ..account.events import Event
 from ..arch.access import AccessKind
 from ..arch.fault import PageFault, PfErrorCode
 from ..arch.pte import Level, PteFlag, table_index
@@ -282,6 +283,7 @@ class GuestKernel:
                 self.observations.append(Observation(kind.value, va, None if kind is AccessKind.WRITE else out))
                 return
             self.observations.append(Observation("fault", out.cr2, error_code=int(out.error_code)))
+            self.mmu.counters.add(Event.GUEST_PAGE_FAULT)
             if not self.handle_page_fault(self.current, out):
                 return  # SIGSEGV: the process just does not get its access
         raise RefmodelError(f"touch {va:#x}: fault handler did not make progress")

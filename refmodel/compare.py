@@ -1,0 +1,171 @@
+"""The comparisons behind ``refmodel compare``: one guest workload, every mode.
+
+The seed question (shared/seed/xen-devel-question.txt): a process mallocs 4 MiB and
+touches every page — 1024 page-table entries written. Under shadow paging each
+write traps; a PV guest batches them into a few validated hypercalls; with nested
+paging the writes are plain stores and the cost moves into longer TLB misses.
+
+Each run builds a fresh machine, sets the workload up (process creation is not
+counted), runs it, and reports what was counted while it ran. The guest-visible
+record — values read, page faults seen, the guest's leaf entries with their A/D
+bits — is compared across modes: it must be identical (Popek & Goldberg's
+equivalence property), and the report says so only after checking it.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .account.costs import CostTable
+from .account.events import Counters, Event, ExitReason
+from .arch.access import AccessKind
+from .arch.types import PAGE_SIZE
+from .guest.kernel import GuestKernel, Observation
+from .hv.modes import GUEST_FRAMES, ModeSpec, build_backend
+
+#: Where the scenarios map their buffer (an ordinary user address, 2 MiB aligned).
+BUFFER_VA = 0x0000_0600_0000_0000
+
+
+@dataclass(frozen=True)
+class GuestRecord:
+    """Everything the guest could observe."""
+
+    observations: tuple[Observation, ...]
+    page_tables: tuple[tuple[int, tuple[tuple[int, tuple[int, int]], ...]], ...]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    spec: ModeSpec
+    counters: Counters
+    record: GuestRecord
+
+
+Workload = Callable[[GuestKernel, int], None]
+
+
+def seed_workload(pages: int) -> Workload:
+    """malloc(pages * 4 KiB) populated at once, then one write and one read per page."""
+
+    def run(kernel: GuestKernel, pid: int) -> None:
+        kernel.map_range(pid, BUFFER_VA, pages, writable=True, populate=True)
+        for i in range(pages):
+            kernel.touch(BUFFER_VA + i * PAGE_SIZE, AccessKind.WRITE, i + 1)
+        for i in range(pages):
+            kernel.touch(BUFFER_VA + i * PAGE_SIZE, AccessKind.READ)
+
+    return run
+
+
+def remap_workload(pages: int) -> Workload:
+    """Move ``pages`` live, touched pages to new frames (a page-table write and an
+    INVLPG per page), then read them all back. Only the remap and the reads are
+    counted: the set-up (populate and first touch) happens in :func:`remap_setup`."""
+
+    def run(kernel: GuestKernel, pid: int) -> None:
+        kernel.remap(pid, BUFFER_VA, pages)
+        for i in range(pages):
+            kernel.touch(BUFFER_VA + i * PAGE_SIZE, AccessKind.READ)
+
+    return run
+
+
+def remap_setup(pages: int) -> Workload:
+    def setup(kernel: GuestKernel, pid: int) -> None:
+        kernel.map_range(pid, BUFFER_VA, pages, writable=True, populate=True)
+        for i in range(pages):
+            kernel.touch(BUFFER_VA + i * PAGE_SIZE, AccessKind.WRITE, i + 1)
+
+    return setup
+
+
+def run_workload(spec: ModeSpec, workload: Workload, setup: Workload | None = None) -> RunResult:
+    """Run one workload under one mode on a fresh machine."""
+    backend = build_backend(spec)
+    kernel = GuestKernel(backend, GUEST_FRAMES)
+    pid = kernel.create_process()
+    if setup is not None:
+        setup(kernel, pid)
+    kernel.observations.clear()
+    before = backend.counters.copy()
+    workload(kernel, pid)
+    counted = backend.counters.since(before)
+    view = kernel.page_table_view()
+    record = GuestRecord(
+        tuple(kernel.observations),
+        tuple((pid, tuple(sorted(leaves.items()))) for pid, leaves in sorted(view.items())),
+    )
+    return RunResult(spec, counted, record)
+
+
+def equivalent(results: list[RunResult]) -> list[str]:
+    """Modes whose guest-visible record differs from the first one (empty: all agree)."""
+    first = results[0].record
+    return [r.spec.label for r in results[1:] if r.record != first]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the comparison table."""
+
+    label: str
+    vm_exits: int
+    pt_write_exits: int
+    hypercalls: int
+    hypercall_entries: int
+    emulated_writes: int
+    tlb_flushes: int
+    tlb_misses: int
+    walk_refs: int
+    guest_faults: int
+    cycles: float
+
+
+FLUSH_EVENTS = (
+    Event.TLB_FLUSH_FULL, Event.TLB_FLUSH_SINGLE, Event.TLB_FLUSH_PCID, Event.TLB_FLUSH_VPID, Event.TLB_FLUSH_GLOBAL,
+)
+
+
+def row_for(result: RunResult, costs: CostTable) -> Row:
+    c = result.counters
+    return Row(
+        label=result.spec.label,
+        vm_exits=c[Event.VM_EXIT],
+        pt_write_exits=c.exits[ExitReason.PT_WRITE],
+        hypercalls=c[Event.HYPERCALL],
+        hypercall_entries=c[Event.HYPERCALL_ENTRY],
+        emulated_writes=c[Event.EMULATED_PT_WRITE],
+        tlb_flushes=sum(c[e] for e in FLUSH_EVENTS),
+        tlb_misses=c[Event.TLB_MISS],
+        walk_refs=c[Event.WALK_REF] + c[Event.EPT_WALK_REF],
+        guest_faults=c[Event.GUEST_PAGE_FAULT],
+        cycles=costs.cycles(c),
+    )
+
+
+HEADERS = (
+    ("mode", "label"), ("VM exits", "vm_exits"), ("PT-write exits", "pt_write_exits"),
+    ("hypercalls", "hypercalls"), ("hc entries", "hypercall_entries"), ("emulated", "emulated_writes"),
+    ("TLB flushes", "tlb_flushes"), ("TLB misses", "tlb_misses"), ("walk refs", "walk_refs"),
+    ("est. cycles", "cycles"),
+)
+
+
+def format_table(rows: list[Row]) -> str:
+    """A plain-text table, one row per mode, with cycles relative to the first row."""
+    base = rows[0].cycles or 1.0
+    cells = [[h for h, _ in HEADERS] + ["vs native"]]
+    for r in rows:
+        line = []
+        for _, attr in HEADERS:
+            v = getattr(r, attr)
+            line.append(f"{v:,.0f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+        line.append(f"{r.cycles / base:.1f}x")
+        cells.append(line)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    out = []
+    for n, row in enumerate(cells):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,64 @@
+"""Build a backend for a mode by name — the one place that knows every mode.
+
+``ModeSpec`` names a column of ``refmodel compare``: a mode plus its knobs (PV batch
+size, tagged TLB or not).
+"""
+
+from dataclasses import dataclass
+
+from ..errors import RefmodelError
+from ..guest.ops import MmuBackend, Mode
+from .machine import Machine
+from .native import NativeBackend
+
+#: Guest memory of every domain the scenarios build, in 4 KiB frames.
+GUEST_FRAMES = 6144
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """One configuration to run a workload under."""
+
+    mode: Mode
+    batch_size: int = 32  #: PV only: requests per hypercall (1 = unbatched)
+    tagged: bool = True  #: VPID-tagged TLB (hypervisor modes)
+
+    @property
+    def label(self) -> str:
+        if self.mode is Mode.PV:
+            return "pv unbatched" if self.batch_size == 1 else f"pv batched ({self.batch_size})"
+        return self.mode.value
+
+
+def standard_specs(batch_size: int = 32, tagged: bool = True) -> list[ModeSpec]:
+    """The six columns of the seed comparison."""
+    return [
+        ModeSpec(Mode.NATIVE),
+        ModeSpec(Mode.SHADOW, tagged=tagged),
+        ModeSpec(Mode.SHADOW_OOS, tagged=tagged),
+        ModeSpec(Mode.PV, batch_size=1, tagged=tagged),
+        ModeSpec(Mode.PV, batch_size=batch_size, tagged=tagged),
+        ModeSpec(Mode.HAP, tagged=tagged),
+    ]
+
+
+def build_backend(spec: ModeSpec, machine: Machine | None = None, domid: int = 1, nr_frames: int = GUEST_FRAMES) -> MmuBackend:
+    """A fresh backend for ``spec``; hypervisor modes get a domain on ``machine``
+    (a new machine if none is given)."""
+    if spec.batch_size < 1:
+        raise RefmodelError(f"batch size must be at least 1, got {spec.batch_size}")
+    if spec.mode is Mode.NATIVE:
+        return NativeBackend(nr_frames)
+    machine = machine if machine is not None else Machine()
+    domain = machine.create_domain(domid, nr_frames)
+    if spec.mode in (Mode.SHADOW, Mode.SHADOW_OOS):
+        from .shadow.backend import ShadowBackend
+
+        return ShadowBackend(machine, domain, tagged=spec.tagged, oos=spec.mode is Mode.SHADOW_OOS)
+    if spec.mode is Mode.PV:
+        from .pv.backend import PvBackend
+
+        return PvBackend(machine, domain, batch_size=spec.batch_size, tagged=spec.tagged)
+    from .hap.backend import HapBackend
+
+    return HapBackend(machine, domain, tagged=spec.tagged)
