@@ -33,7 +33,7 @@ class TlbEffect(enum.Enum):
 
     NONE = "none"
     PCID_NONGLOBAL = "pcid-nonglobal"  #: MOV to CR3: non-global entries of the new PCID
-    ALL_INCLUDING_GLOBAL = "all"  #: CR4.PGE changed, or CR4.PCIDE 1 -> 0
+    ALL_INCLUDING_GLOBAL = "all"  #: CR4.PGE changed, CR4.PCIDE 1 -> 0, or CR4.SMEP 0 -> 1
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,9 @@ def write_cr4(state: ArchState, value: int) -> CrWrite | GeneralProtection:
 
     #GP for reserved bits; for clearing PAE or changing LA57 in IA-32e mode; for
     setting PCIDE outside IA-32e mode or while CR3[11:0] != 0. Changing PGE, or
-    clearing PCIDE, invalidates every TLB entry, global ones included.
+    clearing PCIDE, invalidates every TLB entry, global ones included. Setting SMEP
+    (0 -> 1) must invalidate every entry of the current PCID; the model flushes
+    everything, which the SDM permits ("always free to invalidate additional entries").
     """
     if value & Cr4.LA57 and not state.cr4 & Cr4.LA57:
         return GeneralProtection("MOV CR4: changing CR4.LA57 in IA-32e mode")
@@ -124,7 +126,8 @@ def write_cr4(state: ArchState, value: int) -> CrWrite | GeneralProtection:
             return GeneralProtection("MOV CR4: setting CR4.PCIDE while CR3[11:0] != 0")
     changed = value ^ state.cr4
     new = replace(state, cr4=value)
-    if changed & Cr4.PGE or (state.cr4 & Cr4.PCIDE and not value & Cr4.PCIDE):
+    smep_set = bool(value & Cr4.SMEP) and not state.cr4 & Cr4.SMEP
+    if changed & Cr4.PGE or (state.cr4 & Cr4.PCIDE and not value & Cr4.PCIDE) or smep_set:
         return CrWrite(new, TlbEffect.ALL_INCLUDING_GLOBAL)
     return CrWrite(new, TlbEffect.NONE)
 
