@@ -10,7 +10,8 @@ TLB use (4.10.2, 4.10.4.3): a hit whose cached rights allow the access is used a
 even if memory has changed since. A hit whose cached rights refuse the access, or a
 write through an entry cached while the page was clean, is treated as a miss and
 walked afresh (the SDM allows a re-walk at any time, and a processor must walk to set
-D). A #PF invalidates the faulting page's entries for the current PCID (4.10.4.1).
+D). A #PF invalidates the faulting page's entries for the current PCID, and any
+global entry for it (4.10.4.1).
 """
 
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 from ..account.events import Counters, Event
 from ..errors import RefmodelError
 from .access import Access, AccessKind
+from .control import Cr4
 from .fault import GeneralProtection, PageFault
 from .physmem import PhysicalMemory
 from .pte import PageSize
@@ -77,7 +79,9 @@ class Mmu:
         self.counters.add(Event.WALK_REF, result.refs)
         outcome = result.outcome
         if isinstance(outcome, PageFault):
-            self.tlb.invalidate_page(va, self.vpid, ctx.pcid, include_global=False)
+            # SDM 4.10.4.1: the #PF invalidates the entries for the faulting page that
+            # the current PCID would use, a global one included.
+            self.tlb.invalidate_page(va, self.vpid, ctx.pcid, include_global=True)
             self.state = _with_cr2(self.state, outcome.cr2)
             return outcome
         self.tlb.fill(entry_from_translation(outcome, self.vpid, ctx.pcid))
@@ -142,13 +146,16 @@ class Mmu:
             self.tlb.invalidate_page(va, self.vpid, self.state.pcid)
 
     def invpcid(self, kind: int, pcid: int, va: int = 0) -> GeneralProtection | None:
-        """INVPCID (SDM Vol. 2A): #GP for a type above 3, a PCID above 0FFFH, or a
-        non-canonical address with type 0."""
+        """INVPCID (SDM Vol. 2A): #GP for a type above 3, a PCID above 0FFFH, a
+        nonzero PCID with type 0 or 1 while CR4.PCIDE = 0, or a non-canonical address
+        with type 0."""
         if kind not in (0, 1, 2, 3):
             return GeneralProtection(f"INVPCID type {kind} is invalid")
         if pcid > 0xFFF:
             return GeneralProtection(f"INVPCID PCID {pcid:#x} exceeds 0FFFH")
         t = InvpcidType(kind)
+        if kind in (0, 1) and pcid and not self.state.cr4 & Cr4.PCIDE:
+            return GeneralProtection(f"INVPCID type {kind} with PCID {pcid:#x} while CR4.PCIDE = 0")
         if t is InvpcidType.INDIVIDUAL_ADDRESS and not is_canonical(va):
             return GeneralProtection(f"INVPCID type 0 with non-canonical address {va:#x}")
         self.tlb.invpcid(t, self.vpid, pcid, va)
