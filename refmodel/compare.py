@@ -169,3 +169,55 @@ def format_table(rows: list[Row]) -> str:
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def run_switch(spec: ModeSpec, working_set: int = 256, rounds: int = 8) -> RunResult:
+    """Two vCPUs of two domains take turns on one physical CPU; each reads its
+    working set and checks its registers after every switch. Native stands in as
+    two processes of one OS switching by CR3 (no PCIDs), the classic baseline.
+    Only the rounds are counted, not the set-up."""
+    from .guest.ops import Mode
+    from .hv.machine import Machine
+    from .hv.sched import Scheduler
+
+    kernels: list[GuestKernel] = []
+    pids: list[int] = []
+    sched: Scheduler | None = None
+    if spec.mode is Mode.NATIVE:
+        backend = build_backend(spec)
+        kernel = GuestKernel(backend, GUEST_FRAMES)
+        kernels, pids = [kernel, kernel], [kernel.create_process(), kernel.create_process()]
+        counters = backend.counters
+    else:
+        machine = Machine()
+        sched = Scheduler(machine.tlb, machine.counters, spec.tagged)
+        for domid in (1, 2):
+            b = build_backend(spec, machine, domid)
+            sched.add(domid, b)
+            k = GuestKernel(b, GUEST_FRAMES)
+            kernels.append(k)
+            pids.append(k.create_process())
+        counters = machine.counters
+    for k, pid in zip(kernels, pids):
+        if k.current is not None and k.current.pid != pid:
+            k.switch_to(pid)
+        k.map_range(pid, BUFFER_VA, working_set, writable=True, populate=True)
+        for i in range(working_set):
+            k.touch(BUFFER_VA + i * PAGE_SIZE, AccessKind.WRITE, (pid << 32) | i)
+    before = counters.copy()
+    seen: list[Observation] = []
+    for r in range(rounds):
+        for v, (k, pid) in enumerate(zip(kernels, pids)):
+            if sched is not None:
+                sched.switch_to(v)
+                expected = ((r - 1) << 8) | v if r else 0
+                if sched.get_gpr(0) != expected:  # register confidentiality, checked every switch
+                    seen.append(Observation("register-mismatch", v, sched.get_gpr(0)))
+                sched.set_gpr(0, (r << 8) | v)
+            else:
+                k.switch_to(pid)
+            mark = len(k.observations)
+            for i in range(working_set):
+                k.touch(BUFFER_VA + i * PAGE_SIZE, AccessKind.READ)
+            seen.extend(k.observations[mark:])
+    return RunResult(spec, counters.since(before), GuestRecord(tuple(seen), ()))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..account.costs import CostTable
 from ..compare import (
-    equivalent, format_table, remap_setup, remap_workload, row_for, run_workload, seed_workload,
+    RunResult, Workload, equivalent, format_table, remap_setup, remap_workload, row_for, run_switch, run_workload,
+    seed_workload,
 )
 from ..errors import RefmodelError
 from ..hv.modes import standard_specs
@@ -24,7 +25,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--batch", type=int, default=32, help="PV requests per hypercall (default 32, Linux's MC_BATCH)")
     p.add_argument("--untagged", action="store_true", help="a TLB without VPIDs: every VM exit flushes it")
     p.add_argument("--costs", type=Path, help="JSON file overriding cycle costs per event")
-    p.add_argument("--scenario", choices=["seed", "remap", "all"], default="all")
+    p.add_argument("--scenario", choices=["seed", "remap", "switch", "all"], default="all")
     p.set_defaults(func=run)
 
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.costs is not None:
         costs = costs.with_overrides(args.costs)
     specs = standard_specs(args.batch, tagged=not args.untagged)
-    scenarios = []
+    scenarios: list[tuple[str, Workload, Workload | None]] = []
     if args.scenario in ("seed", "all"):
         scenarios.append((f"malloc {args.pages} pages populated, then write + read each page", seed_workload(args.pages), None))
     if args.scenario in ("remap", "all"):
@@ -45,15 +46,26 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     for title, workload, setup in scenarios:
         results = [run_workload(spec, workload, setup) for spec in specs]
-        print(f"== {title} ({'untagged' if args.untagged else 'VPID-tagged'} TLB)")
-        print(format_table([row_for(r, costs) for r in results]))
-        differ = equivalent(results)
-        if differ:
-            print(f"guest-visible results DIFFER from native in: {', '.join(differ)}")
-            status = 1
-        else:
-            n = len(results[0].record.observations)
-            print(f"guest-visible results identical across all {len(results)} modes ({n} observations and every leaf entry checked)")
-        print()
+        status |= report(f"{title} ({'untagged' if args.untagged else 'VPID-tagged'} TLB)", results, costs)
+    if args.scenario in ("switch", "all"):
+        ws = min(args.pages, 256)
+        for tagged in (False, True):
+            results = [run_switch(spec, ws) for spec in standard_specs(args.batch, tagged=tagged)]
+            tags = "VPID/PCID-tagged TLB" if tagged else "untagged TLB: every switch flushes"
+            status |= report(f"2 domains x 8 rounds, {ws}-page working sets, a vCPU switch per turn ({tags})", results, costs)
     print(f"cycle costs: {costs.generation}; `refmodel costs` lists every figure and its source")
     return status
+
+
+def report(title: str, results: list[RunResult], costs: CostTable) -> int:
+    """Print one scenario's table and the equivalence verdict; 1 if modes differ."""
+    print(f"== {title}")
+    print(format_table([row_for(r, costs) for r in results]))
+    differ = equivalent(results)
+    print()
+    if differ:
+        print(f"guest-visible results DIFFER from native in: {', '.join(differ)}\n")
+        return 1
+    n = len(results[0].record.observations)
+    print(f"guest-visible results identical across all {len(results)} modes ({n} observations checked)\n")
+    return 0
