@@ -151,7 +151,9 @@ def write_efer(state: ArchState, value: int) -> CrWrite | GeneralProtection:
     """WRMSR to IA32_EFER (SDM 2.2.1, Vol. 4 MSR C000_0080H): #GP for reserved bits
     or for changing LME while paging is on; LMA is read-only (kept). NXE takes effect
     on the next access; the TLB keeps XD as a cached right."""
-    if value & ~(EFER_WRITABLE | Efer.LMA):
+    # int(): ~ of an IntFlag complements only the flag's own bits (0..11 here), which
+    # would let every reserved bit above bit 11 through.
+    if value & ~int(EFER_WRITABLE | Efer.LMA):
         return GeneralProtection(f"WRMSR EFER {value:#x}: reserved bits")
     if (value ^ state.efer) & Efer.LME and state.cr0 & Cr0.PG:
         return GeneralProtection("WRMSR EFER: changing LME while CR0.PG = 1")
