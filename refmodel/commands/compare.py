@@ -25,6 +25,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--batch", type=int, default=32, help="PV requests per hypercall (default 32, Linux's MC_BATCH)")
     p.add_argument("--untagged", action="store_true", help="a TLB without VPIDs: every VM exit flushes it")
     p.add_argument("--costs", type=Path, help="JSON file overriding cycle costs per event")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="also plot exits and cycles for 1..4096 pages")
     p.add_argument("--scenario", choices=["seed", "remap", "switch", "all"], default="all")
     p.set_defaults(func=run)
 
@@ -53,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
             results = [run_switch(spec, ws) for spec in standard_specs(args.batch, tagged=tagged)]
             tags = "VPID/PCID-tagged TLB" if tagged else "untagged TLB: every switch flushes"
             status |= report(f"2 domains x 8 rounds, {ws}-page working sets, a vCPU switch per turn ({tags})", results, costs)
+    if args.plot is not None:
+        from ..plot import plot, sweep
+
+        plot(sweep(specs, costs), args.plot, f"malloc + touch N pages; PV batch {args.batch}")
+        print(f"plot written to {args.plot}")
     print(f"cycle costs: {costs.generation}; `refmodel costs` lists every figure and its source")
     return status
 
