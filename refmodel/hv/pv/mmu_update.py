@@ -1,0 +1,190 @@
+"""``HYPERVISOR_mmu_update``: a batch of checked page-table writes
+(``do_mmu_update``, ``mod_l1_entry``, ``mod_l[234]_entry`` in xen/arch/x86/mm.c).
+
+The requests run strictly in order and the loop stops at the first error: the
+failing request is not done, ``*pdone`` counts the requests that succeeded, and the
+return value is that first error (0 if none). Each request names the machine address
+of an entry; Xen dispatches on the *current type* of the frame holding it:
+
+- an L1 page table -> :func:`mod_l1_entry`; L2..L4 -> :func:`mod_upper_entry`;
+- a frame whose type is not in use -> taken as writable for the store (a plain write);
+- a writable page in use -> a plain write; any other type -> -EINVAL.
+
+TLB: Xen does not flush after an L1 change — the guest asks for the flush it needs.
+After a batch in which some L2..L4 entry changed, Xen flushes once ("flush_linear_pt
+requires a FLUSH_TLB to all dirty CPUs"), because the guest's linear page-table
+mappings may cache the old structure.
+
+Not modelled: preemption and continuations (a batch always runs to completion), a
+foreign page-table owner (``foreigndom >> 16``), translated (HVM) data owners.
+"""
+
+from collections.abc import Sequence
+
+from ...account.events import Event
+from ...arch.pte import Level, PteFlag
+from ...arch.types import GFN, PAGE_SHIFT, MFN
+from ...errors import RefmodelError
+from ..machine import DOMID_SELF, Domain
+from .abi import BatchResult, MmuCmd, MmuUpdate
+from .errno import Errno, neg
+from .pagetype import (
+    PageType,
+    PvStat,
+    cache_flush_permitted,
+    get_page_from_l1e,
+    get_page_from_upper_entry,
+    get_page_type,
+    is_guest_l4_slot,
+    put_page_from_l1e,
+    put_page_from_upper_entry,
+    put_page_type,
+)
+from .pteflags import (
+    FASTPATH_FLAG_WHITELIST,
+    FASTPATH_PDE_FLAG_WHITELIST,
+    UPPER_DISALLOW_MASK,
+    entry_has_changed,
+    l1_disallow_mask,
+    present,
+)
+from .vcpu import PvVcpu, get_pg_owner, xsm_target_allowed
+
+PT_UPDATES = (MmuCmd.NORMAL_PT_UPDATE, MmuCmd.PT_UPDATE_PRESERVE_AD, MmuCmd.PT_UPDATE_NO_TRANSLATE)
+
+
+def do_mmu_update(
+    v: PvVcpu, reqs: Sequence[MmuUpdate], count: int | None = None, foreigndom: int = DOMID_SELF
+) -> BatchResult:
+    """Run ``count`` requests (all of ``reqs`` by default) for vCPU ``v``; the data
+    owner of new mappings is ``foreigndom`` (DOMID_SELF: the caller)."""
+    count = len(reqs) if count is None else count
+    if count < 0:
+        raise RefmodelError(f"mmu_update count {count} is negative")
+    if foreigndom >> 16:
+        raise RefmodelError("a foreign page-table owner (foreigndom >> 16) is not modelled")
+    pg_owner = get_pg_owner(v, foreigndom & 0xFFFF)
+    if pg_owner is None:
+        return BatchResult(neg(Errno.ESRCH), 0)
+    rc, done, upper_changed = 0, 0, False
+    for i in range(count):
+        if i >= len(reqs):
+            rc = neg(Errno.EFAULT)  # __copy_from_guest of a request past the array
+            break
+        v.machine.counters.add(Event.HYPERCALL_ENTRY)
+        rc, level = mmu_update_one(v, reqs[i], pg_owner)
+        if rc:
+            break
+        done += 1
+        upper_changed |= level is not None and level is not Level.L1
+    if upper_changed:
+        v.frames.flush_domain(v.domain.domid)
+    return BatchResult(rc, done)
+
+
+def mmu_update_one(v: PvVcpu, req: MmuUpdate, pg_owner: Domain) -> tuple[int, Level | None]:
+    """One request: its return, and the level of the page table it changed (None
+    when it wrote no page table)."""
+    cmd = req.cmd
+    if cmd in PT_UPDATES:
+        return pt_update(v, req, pg_owner)
+    if cmd == MmuCmd.MACHPHYS_UPDATE:
+        return machphys_update(v, req, pg_owner), None
+    return neg(Errno.ENOSYS), None
+
+
+def pt_update(v: PvVcpu, req: MmuUpdate, pg_owner: Domain) -> tuple[int, Level | None]:
+    """MMU_NORMAL_PT_UPDATE / PRESERVE_AD / NO_TRANSLATE: dispatch on the type of the
+    frame that holds the entry (``page_lock`` succeeds only for a type in use and
+    validated)."""
+    if not xsm_target_allowed(v.domain, pg_owner):
+        return neg(Errno.EPERM), None  # xsm_mmu_update
+    mfn = MFN(req.maddr >> PAGE_SHIFT)
+    if not v.frames.owned_by(mfn, v.domain):
+        return neg(Errno.EINVAL), None  # "Could not get page for normal update"
+    page = v.frames.info(mfn)
+    preserve_ad = req.cmd == MmuCmd.PT_UPDATE_PRESERVE_AD
+    if not (page.count > 0 and page.validated):
+        # page_lock failed: the frame's type is not in use; write it as a writable page.
+        if get_page_type(v.frames, mfn, PageType.WRITABLE):
+            return neg(Errno.EINVAL), None
+        update_entry(v, req.maddr, req.val, preserve_ad)
+        put_page_type(v.frames, mfn)
+        return 0, None
+    level = page.type.level
+    if level is Level.L1:
+        return mod_l1_entry(v, req.maddr, req.val, mfn, preserve_ad, pg_owner), level
+    if level is not None:
+        if pg_owner is not v.domain:
+            return neg(Errno.EINVAL), None
+        return mod_upper_entry(v, req.maddr, req.val, mfn, level, preserve_ad), level
+    if page.type is PageType.WRITABLE:
+        update_entry(v, req.maddr, req.val, preserve_ad)
+        return 0, None
+    return neg(Errno.EINVAL), None
+
+
+def machphys_update(v: PvVcpu, req: MmuUpdate, pg_owner: Domain) -> int:
+    """MMU_MACHPHYS_UPDATE: set M2P[frame] = val for a frame the data owner owns
+    (``set_gpfn_from_mfn``). The guest keeps its own P2M; Xen edits only the M2P."""
+    if not xsm_target_allowed(v.domain, pg_owner):
+        return neg(Errno.EPERM)
+    mfn = MFN(req.ptr >> PAGE_SHIFT)
+    if not v.frames.owned_by(mfn, pg_owner):
+        return neg(Errno.EINVAL)  # "Could not get page for mach->phys update"
+    v.machine.m2p[mfn] = GFN(req.val)
+    return 0
+
+
+def update_entry(v: PvVcpu, maddr: int, new: int, preserve_ad: bool) -> None:
+    """``UPDATE_ENTRY`` / ``update_intpte``: the store, keeping the A/D bits already
+    set when asked (MMU_PT_UPDATE_PRESERVE_AD)."""
+    mem = v.machine.mem
+    if preserve_ad:
+        new |= mem.read_u64(maddr) & int(PteFlag.A | PteFlag.D)
+    mem.write_u64(maddr, new)
+
+
+def mod_l1_entry(v: PvVcpu, maddr: int, new: int, table: MFN, preserve_ad: bool, pg_owner: Domain) -> int:
+    """``mod_l1_entry``: a new present entry must pass the L1 flag check; if only
+    whitelisted bits changed (same frame, same P/RW/cache bits) it is written
+    without re-validation (the fast path); otherwise ``get_page_from_l1e`` takes its
+    references, and the old entry's references are dropped after the write."""
+    old = v.machine.mem.read_u64(maddr)
+    if present(new):
+        if new & l1_disallow_mask(cache_flush_permitted(v.domain)):
+            return neg(Errno.EINVAL)  # "Bad L1 flags"
+        if not entry_has_changed(old, new, FASTPATH_FLAG_WHITELIST):
+            v.frames.stats[PvStat.FAST_PATH] += 1
+            update_entry(v, maddr, new, preserve_ad)
+            return 0
+        rc = get_page_from_l1e(v.frames, new, v.domain, pg_owner)
+        if rc:
+            return rc
+    update_entry(v, maddr, new, preserve_ad)
+    put_page_from_l1e(v.frames, old)
+    return 0
+
+
+def mod_upper_entry(v: PvVcpu, maddr: int, new: int, table: MFN, level: Level, preserve_ad: bool) -> int:
+    """``mod_l2_entry`` / ``mod_l3_entry`` / ``mod_l4_entry``: Xen's own L4 slots are
+    refused (-EINVAL); a new present entry must pass the flag check; the fast path
+    as for L1 (RW is not whitelisted: linear page tables depend on it); otherwise the
+    new target is referenced (validating it), then the old one released."""
+    slot = (maddr & ((1 << PAGE_SHIFT) - 1)) // 8
+    if level is Level.L4 and not is_guest_l4_slot(slot):
+        return neg(Errno.EINVAL)  # "L4 update in Xen-private area"
+    old = v.machine.mem.read_u64(maddr)
+    if present(new):
+        if new & UPPER_DISALLOW_MASK:
+            return neg(Errno.EINVAL)  # "Bad L2/L3/L4 flags"
+        if not entry_has_changed(old, new, FASTPATH_PDE_FLAG_WHITELIST):
+            v.frames.stats[PvStat.FAST_PATH] += 1
+            update_entry(v, maddr, new, preserve_ad)
+            return 0
+        rc = get_page_from_upper_entry(v.frames, new, level, table, v.domain)
+        if rc:
+            return rc
+    update_entry(v, maddr, new, preserve_ad)
+    put_page_from_upper_entry(v.frames, old, table)
+    return 0
