@@ -32,6 +32,7 @@ class Event(enum.Enum):
     SHADOW_FILL = "shadow_fill"  #: a hidden fault that filled a shadow entry
     SHADOW_RESYNC = "shadow_resync"  #: an out-of-sync page table resynchronised
     EPT_WALK_REF = "ept_walk_ref"  #: an EPT entry read during a 2-D walk
+    INVEPT = "invept"  #: INVEPT single-context: a domain's combined (GVA -> MPA) translations dropped
     CONTEXT_SWITCH = "context_switch"  #: a vCPU switch on the physical CPU
     WORLD_SWITCH = "world_switch"  #: a switch between two domains
 
@@ -44,6 +45,7 @@ class ExitReason(enum.Enum):
     CR3_WRITE = "cr3_write"  #: MOV to CR3 intercepted
     INVLPG = "invlpg"  #: INVLPG intercepted
     EPT_VIOLATION = "ept_violation"
+    EPT_MISCONFIG = "ept_misconfig"  #: an EPT entry with a reserved setting (SDM Vol. 3C 29.3.3.1)
     HYPERCALL = "hypercall"  #: VMCALL / PV syscall into the hypervisor
     HLT = "hlt"
 

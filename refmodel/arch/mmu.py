@@ -71,21 +71,34 @@ class Mmu:
             return GeneralProtection(f"non-canonical linear address {va:#x}")
         ctx = self.ctx
         hit = self.tlb.lookup(va, self.vpid, ctx.pcid)
-        if hit is not None and usable(hit, access, ctx):
+        if hit is not None and self.hit_usable(hit, access, ctx):
             self.counters.add(Event.TLB_HIT)
             return translation_from_entry(hit, va)
         self.counters.add(Event.TLB_MISS)
-        result = walk(self.mem, ctx, va, access)
-        self.counters.add(Event.WALK_REF, result.refs)
-        outcome = result.outcome
+        outcome = self.walk_on_miss(ctx, va, access)
         if isinstance(outcome, PageFault):
             # SDM 4.10.4.1: the #PF invalidates the entries for the faulting page that
             # the current PCID would use, a global one included.
             self.tlb.invalidate_page(va, self.vpid, ctx.pcid, include_global=True)
             self.state = _with_cr2(self.state, outcome.cr2)
             return outcome
-        self.tlb.fill(entry_from_translation(outcome, self.vpid, ctx.pcid))
+        self.tlb.fill(self.tlb_entry(outcome, ctx.pcid))
         return outcome
+
+    # -- the three steps a virtualizing MMU replaces (refmodel.hv.hap: the 2-D walk) --
+    def hit_usable(self, entry: TlbEntry, access: Access, ctx: PagingContext) -> bool:
+        """Whether a TLB hit may satisfy ``access`` without a walk (:func:`usable`)."""
+        return usable(entry, access, ctx)
+
+    def walk_on_miss(self, ctx: PagingContext, va: int, access: Access) -> Translation | PageFault:
+        """The page walk on a TLB miss (SDM 4.5), counting its entry reads."""
+        result = walk(self.mem, ctx, va, access)
+        self.counters.add(Event.WALK_REF, result.refs)
+        return result.outcome
+
+    def tlb_entry(self, translation: Translation, pcid: int) -> TlbEntry:
+        """What the TLB caches from a walk (:func:`entry_from_translation`)."""
+        return entry_from_translation(translation, self.vpid, pcid)
 
     # -- data and instruction accesses ---------------------------------------------
     def _checked(self, va: int, size: int) -> None:
