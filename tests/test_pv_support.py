@@ -24,6 +24,8 @@ from refmodel.hv.pv import (
     frame_table_of,
 )
 from refmodel.hv.pv.hypercall import mmu_update, mmuext_op
+from refmodel.hv.pv.pagetype import guest_slots, read_entry
+from refmodel.hv.pv.pteflags import entry_mfn
 
 TABLE = int(PteFlag.P | PteFlag.RW | PteFlag.US)  #: an intermediate entry
 USER_RW = int(PteFlag.P | PteFlag.RW | PteFlag.US)
@@ -111,3 +113,56 @@ class PvWorld:
         types = {int(m): self.ft.state(m) for m in self.ft.pages}
         memory = {int(m): self.machine.mem.frame_bytes(m) for m in self.machine.frames_of(1)}
         return Snapshot({m: s for m, s in types.items() if s.count or s.pinned}, memory)
+
+
+# -- audits -----------------------------------------------------------------------------------------
+def implied_type_counts(ft: FrameTable, vcpus: list[PvVcpu]) -> dict[int, int]:
+    """The type count every frame should have, recomputed from scratch: one per
+    reference an entry of a validated page table holds (an RW L1 entry on its target,
+    a present L2..L4 entry on a table other than its own), one per pin, one per base
+    pointer."""
+    expected: dict[int, int] = {}
+
+    def add(mfn: int) -> None:
+        expected[mfn] = expected.get(mfn, 0) + 1
+
+    for mfn, page in ft.pages.items():
+        if page.pinned:
+            add(mfn)
+        level = page.type.level
+        if level is None or not page.validated:
+            continue
+        for slot in guest_slots(level):
+            entry = read_entry(ft, mfn, slot)
+            if not entry & PteFlag.P:
+                continue
+            target = entry_mfn(entry)
+            if level is Level.L1:
+                if entry & PteFlag.RW:
+                    add(target)
+            elif target != mfn:
+                add(target)
+    for v in vcpus:
+        for base in (v.guest_table, v.guest_table_user):
+            if base is not None:
+                add(base)
+    return expected
+
+
+def audit(ft: FrameTable, vcpus: list[PvVcpu]) -> list[str]:
+    """Problems with the frame table: counts that differ from what the tables imply,
+    and TLB entries that would let a guest write one of its page tables."""
+    problems = []
+    expected = implied_type_counts(ft, vcpus)
+    for mfn in sorted(set(expected) | {int(m) for m in ft.pages}):
+        have = ft.state(mfn)
+        if have.count != expected.get(mfn, 0):
+            problems.append(f"mfn {mfn:#x}: type count {have.count}, tables imply {expected.get(mfn, 0)}")
+        if have.count and have.type.is_page_table and not have.validated:
+            problems.append(f"mfn {mfn:#x}: {have.type.value} in use but not validated")
+    tags = {v.vpid for v in vcpus}
+    for e in ft.machine.tlb.entries():
+        page = ft.state(e.frame >> PAGE_SHIFT)
+        if e.vpid in tags and e.rights.writable and page.count and page.type.is_page_table:
+            problems.append(f"TLB maps page table mfn {e.frame >> PAGE_SHIFT:#x} writable (vpn {e.vpn:#x})")
+    return problems
