@@ -371,3 +371,36 @@ def test_mfn_argument_is_a_machine_frame() -> None:
     assert world.mfn(gfn) != gfn
     assert world.ext(MmuextCmd.PIN_L4_TABLE, gfn) == EINVAL
     assert MFN(world.mfn(gfn)) in world.machine.frames_of(1)
+
+
+# -- data owners other than the caller ---------------------------------------------------------------
+def test_naming_another_data_owner_needs_privilege(world: PvWorld) -> None:
+    """xsm_mmu_update / xsm_update_va_mapping with the dummy policy: only a control
+    domain may act for another (xsm/dummy.h 84-100) -> -EPERM, nothing done."""
+    from refmodel.hv.pv.hypercall import update_va_mapping_otherdomain
+
+    foreign = world.entry(0, USER_RW, dom=world.other)
+    before = world.snapshot()
+    assert mmu_update(world.vcpu, [MmuUpdate.pt_update(world.maddr(L1, 1), foreign)], foreigndom=2) == BatchResult(EPERM, 0)
+    refused(world, update_va_mapping_otherdomain(world.vcpu, 0x1000, foreign, 0, 2), EPERM)
+    refused(world, update_va_mapping_otherdomain(world.vcpu, 0x1000, foreign, 0, 99), ESRCH)
+    assert world.snapshot() == before
+
+
+def test_a_privileged_mapper_maps_the_named_owners_frames() -> None:
+    """get_page_from_l1e with pg_owner = the named domain: its frames may be mapped
+    (RW takes a writable reference on them); the mapper's own frames may not be
+    mapped "on behalf of" a data owner that is not privileged (975-983: -EBUSY)."""
+    from refmodel.hv.pv.hypercall import update_va_mapping_otherdomain
+
+    dom0 = PvWorld(privileged=True)
+    dom0.build_tree()
+    foreign = dom0.entry(3, USER_RW, dom=dom0.other)
+    req = [MmuUpdate.pt_update(dom0.maddr(L1, 1), foreign)]
+    assert mmu_update(dom0.vcpu, req, foreigndom=2) == BatchResult(0, 1)
+    assert dom0.ft.state(dom0.mfn(3, dom0.other)) == PageState(PageType.WRITABLE, 1, True, False)
+    assert update_va_mapping_otherdomain(dom0.vcpu, 0x2000, dom0.entry(4, USER_RO, dom=dom0.other), 0, 2) == 0
+    own = [MmuUpdate.pt_update(dom0.maddr(L1, 3), dom0.entry(DATA, USER_RO))]
+    assert mmu_update(dom0.vcpu, own, foreigndom=2) == BatchResult(EBUSY, 0)
+    # Without naming the owner, a foreign frame is refused even to dom0.
+    assert dom0.update(L1, 4, foreign) == EBUSY

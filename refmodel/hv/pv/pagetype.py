@@ -20,8 +20,10 @@ flags *validated* and *pinned*. The rules (``_get_page_type``, ``_put_page_type`
   ``tlbflush_timestamp``, xen/arch/x86/flushtlb.c).
 
 Simplifications, stated: one vCPU per domain on one physical CPU; validation is
-atomic (Xen's preemptible, partial validation with ``PGT_partial`` and
-``old_guest_table`` ends in the same state, and is not modelled); general reference
+atomic: a failed validation gives back every reference it took and leaves the frame
+with no type in use (Xen gets there too, for L2..L4 tables through ``PGT_partial``
+and ``old_guest_table`` in a continuation, which may leave the old type at count
+zero where the model writes ``PGT_none``; preemption is not modelled); general reference
 counts (``count_info``) are not modelled, because frames are never freed; no domain
 has I/O memory, so an entry naming a frame that is not RAM is an MMIO attempt Xen
 refuses with -EPERM; the segment-descriptor type exists but no operation takes it.
