@@ -1,0 +1,1 @@
+"""Oracles: independent executable implementations the reference model is checked against."""
