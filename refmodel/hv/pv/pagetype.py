@@ -133,12 +133,20 @@ class FrameTable:
     PV domain's vCPU uses on the one physical CPU."""
 
     def __init__(self, machine: Machine) -> None:
-        self.machine = machine
+        # A weak reference: the registry below maps each machine to its table, and a
+        # table that held its machine strongly would keep both alive forever.
+        self._machine = weakref.ref(machine)
         self.pages: dict[MFN, PageInfo] = {}
         self.stats: Counter[PvStat] = Counter()
         self.clock = 1  #: ``tlbflush_clock``
         self.last_flush: dict[DomId, int] = {}  #: the clock at the domain's last full flush
         self.vpids: dict[DomId, int] = {}
+
+    @property
+    def machine(self) -> Machine:
+        machine = self._machine()
+        assert machine is not None, "the machine of this frame table is gone"
+        return machine
 
     def info(self, mfn: int) -> PageInfo:
         page = self.pages.get(MFN(mfn))

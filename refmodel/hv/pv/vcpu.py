@@ -52,9 +52,9 @@ class PvVcpu:
 
     # -- TLB maintenance Xen performs for this vCPU ---------------------------------------
     def flush_tlb_local(self) -> None:
-        """``flush_tlb_local()``: every non-global entry of this vCPU."""
-        self.machine.tlb.invalidate_nonglobal(self.vpid)
-        self.frames.note_full_flush(self.domain.domid)
+        """``flush_tlb_local()``: every non-global entry of this vCPU — with one vCPU
+        per domain, the domain's whole flush."""
+        self.frames.flush_domain(self.domain.domid)
 
     def flush_tlb_one(self, va: int) -> None:
         """``flush_tlb_one_local`` (INVLPG); ``paging_invlpg`` ignores a
