@@ -116,6 +116,14 @@ def unpin_table(v: PvVcpu, mfn: MFN, pg_owner: Domain) -> int:
     return 0
 
 
+def get_base_reference(v: PvVcpu, mfn: MFN) -> int:
+    """``get_page_and_type_from_mfn(mfn, PGT_root_page_table, currd)``: the frame must
+    be the caller's (-EINVAL) and take an L4 type reference, validating it if needed."""
+    if not v.frames.owned_by(mfn, v.domain):
+        return neg(Errno.EINVAL)
+    return get_page_type(v.frames, mfn, PageType.L4)
+
+
 def new_guest_cr3(v: PvVcpu, op: MmuextOp) -> int:
     """MMUEXT_NEW_BASEPTR (``new_guest_cr3``): switch to the L4 table in ``arg1``.
     Reloading the current base only reloads CR3."""
@@ -123,9 +131,7 @@ def new_guest_cr3(v: PvVcpu, op: MmuextOp) -> int:
     if old == mfn:
         v.write_ptbase()
         return 0
-    if not v.frames.owned_by(mfn, v.domain):
-        return neg(Errno.EINVAL)  # get_page_and_type_from_mfn: not the domain's frame
-    rc = get_page_type(v.frames, mfn, PageType.L4)
+    rc = get_base_reference(v, mfn)
     if rc:
         return rc  # "Error while installing new baseptr"
     v.guest_table = mfn
@@ -143,9 +149,7 @@ def new_user_baseptr(v: PvVcpu, op: MmuextOp) -> int:
     if (old or 0) == mfn:
         return 0
     if mfn:
-        if not v.frames.owned_by(mfn, v.domain):
-            return neg(Errno.EINVAL)
-        rc = get_page_type(v.frames, mfn, PageType.L4)
+        rc = get_base_reference(v, MFN(mfn))
         if rc:
             return rc
     v.guest_table_user = MFN(mfn) if mfn else None

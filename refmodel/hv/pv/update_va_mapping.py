@@ -18,7 +18,7 @@ from ..machine import Domain
 from .abi import Uvmf
 from .errno import Errno, neg
 from .mmu_update import mod_l1_entry
-from .pagetype import PageType
+from .pagetype import PageType, read_entry
 from .pteflags import entry_mfn, present
 from .vcpu import PvVcpu, addr_ok, get_pg_owner, xsm_target_allowed
 
@@ -45,7 +45,7 @@ def map_guest_l1e(v: PvVcpu, va: int) -> tuple[MFN, int] | None:
         return None
     table = int(v.guest_table)
     for level in (Level.L4, Level.L3, Level.L2):
-        entry = v.machine.mem.read_u64((table << PAGE_SHIFT) + table_index(va, level) * ENTRY_SIZE)
+        entry = read_entry(v.frames, table, table_index(va, level))
         if not present(entry) or (level is Level.L2 and entry & PteFlag.PS):
             return None
         table = entry_mfn(entry)
