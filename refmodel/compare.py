@@ -198,12 +198,12 @@ def run_switch(spec: ModeSpec, working_set: int = 256, rounds: int = 8) -> RunRe
             kernels.append(k)
             pids.append(k.create_process())
         counters = machine.counters
-    for k, pid in zip(kernels, pids):
+    for v, (k, pid) in enumerate(zip(kernels, pids)):
         if k.current is not None and k.current.pid != pid:
             k.switch_to(pid)
         k.map_range(pid, BUFFER_VA, working_set, writable=True, populate=True)
         for i in range(working_set):
-            k.touch(BUFFER_VA + i * PAGE_SIZE, AccessKind.WRITE, (pid << 32) | i)
+            k.touch(BUFFER_VA + i * PAGE_SIZE, AccessKind.WRITE, (v << 32) | i)
     before = counters.copy()
     seen: list[Observation] = []
     for r in range(rounds):
