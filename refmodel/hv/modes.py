@@ -27,7 +27,7 @@ class ModeSpec:
     def label(self) -> str:
         if self.mode is Mode.PV:
             return "pv unbatched" if self.batch_size == 1 else f"pv batched ({self.batch_size})"
-        return self.mode.value
+        return str(self.mode.value)
 
 
 def standard_specs(batch_size: int = 32, tagged: bool = True) -> list[ModeSpec]:
