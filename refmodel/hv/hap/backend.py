@@ -46,6 +46,7 @@ from .ept import (
     ept_walk,
     is_present,
     make_leaf,
+    misconfiguration,
 )
 from .mmu import HapMmu
 from .nested import EptExit, EptExitOutcome
@@ -98,8 +99,6 @@ class HapBackend(MmuBackend):
         map is not modelled, so these EPT reads are not counted."""
         if not 0 <= offset < PAGE_SIZE:
             raise RefmodelError(f"offset {offset:#x} is outside a 4 KiB frame")
-        if not 0 <= gfn < (1 << 36):
-            raise RefmodelError(f"gfn {gfn:#x} is beyond the 48-bit guest-physical space")
         for _ in range(MAX_EXITS_PER_ACCESS):
             result = ept_walk(self.machine.mem, self.ept.eptp, (gfn << PAGE_SHIFT) + offset, EptAccess(kind), self.caps)
             if isinstance(result.outcome, EptTranslation):
@@ -229,9 +228,12 @@ class HapBackend(MmuBackend):
         mfn = self.domain.mfn_of(gfn)
         if mfn is None:
             raise RefmodelError(f"domain {self.domain.domid} has no gfn {gfn:#x}")
-        if int(rights) in (int(EptFlag.W), int(EptFlag.W | EptFlag.X)):
-            raise RefmodelError(f"EPT rights {int(rights):03b}b: write without read is a misconfiguration")
-        self.ept_update(gfn, make_leaf(mfn, rights))
+        entry = make_leaf(mfn, rights)
+        if is_present(entry):
+            reason = misconfiguration(entry, Level.L1, self.machine.mem.maxphyaddr, self.caps)
+            if reason is not None:
+                raise RefmodelError(f"EPT rights {int(rights):03b}b would be a misconfiguration: {reason}")
+        self.ept_update(gfn, entry)
 
     def ept_remap(self, gfn: GFN, mfn: MFN) -> None:
         """Back ``gfn`` with another machine frame the domain owns (P2M, M2P and EPT

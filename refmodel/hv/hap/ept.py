@@ -217,14 +217,9 @@ class EptRights:
         return {AccessKind.READ: self.read, AccessKind.WRITE: self.write, AccessKind.FETCH: self.execute}[kind]
 
     @staticmethod
-    def of(perms: EptFlag | int) -> "EptRights":
-        return EptRights().narrowed_by(int(perms))
-
-    @property
-    def flags(self) -> EptFlag:
-        """Bits 2:0 granting exactly these rights."""
-        bits = (EptFlag.R, self.read), (EptFlag.W, self.write), (EptFlag.X, self.execute)
-        return EptFlag(sum(int(flag) for flag, granted in bits if granted))
+    def of(entry: EptFlag | int) -> "EptRights":
+        """The rights bits 2:0 of one entry grant."""
+        return EptRights().narrowed_by(int(entry))
 
 
 # -- outcomes ---------------------------------------------------------------------------------

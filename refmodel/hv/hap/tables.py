@@ -15,7 +15,6 @@ from ...arch.types import ENTRY_SIZE, GFN, MFN, PAGE_SHIFT
 from ...errors import RefmodelError
 from ..machine import Domain, Machine
 from .ept import (
-    PERMISSION_MASK,
     EptFlag,
     EptMemType,
     Eptp,
@@ -36,7 +35,7 @@ class EptMapping:
     gfn: GFN
     mfn: MFN
     size: PageSize
-    rights: EptRights  #: the leaf's own bits 2:0 (tables above are always RWX here)
+    rights: EptRights  #: the leaf's own bits 2:0 (the tables above it are built RWX)
 
     @property
     def frames(self) -> int:
@@ -111,10 +110,13 @@ class Ept:
     def lookup(self, gfn: int) -> EptMapping | None:
         """The present 4 KiB leaf for ``gfn``, or None."""
         entry = self.read_leaf(gfn)
-        if not is_present(entry):
-            return None
-        return EptMapping(GFN(gfn), MFN((entry & phys_addr_mask(self.mem.maxphyaddr)) >> PAGE_SHIFT),
-                          PageSize.SIZE_4K, EptRights.of(entry & PERMISSION_MASK))
+        return self._mapping(gfn << PAGE_SHIFT, entry, Level.L1) if is_present(entry) else None
+
+    def _mapping(self, gpa: int, entry: int, level: Level) -> EptMapping:
+        """Decode a present leaf of ``level`` that maps ``gpa``."""
+        size = PageSize.for_leaf_level(level)
+        frame = (entry & phys_addr_mask(self.mem.maxphyaddr) & ~(size.value - 1)) >> PAGE_SHIFT
+        return EptMapping(GFN(gpa >> PAGE_SHIFT), MFN(frame), size, EptRights.of(entry))
 
     # -- the whole tree, as the hardware would reach it ---------------------------------------
     def mappings(self) -> Iterator[EptMapping]:
@@ -136,9 +138,7 @@ class Ept:
                 continue
             gpa = gpa_base | (index << level.index_shift)
             if is_ept_leaf(entry, level):
-                size = PageSize.for_leaf_level(level)
-                frame = MFN((entry & mask & ~(size.value - 1)) >> PAGE_SHIFT)
-                yield EptMapping(GFN(gpa >> PAGE_SHIFT), frame, size, EptRights.of(entry & PERMISSION_MASK))
+                yield self._mapping(gpa, entry, level)
             else:
                 child = MFN((entry & mask) >> PAGE_SHIFT)
                 yield child
