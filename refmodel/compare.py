@@ -199,7 +199,9 @@ def run_switch(spec: ModeSpec, working_set: int = 256, rounds: int = 8) -> RunRe
             pids.append(k.create_process())
         counters = machine.counters
     for v, (k, pid) in enumerate(zip(kernels, pids)):
-        if k.current is not None and k.current.pid != pid:
+        if sched is not None:
+            sched.switch_to(v)  # each domain's set-up runs on the CPU like everything else
+        elif k.current is not None and k.current.pid != pid:
             k.switch_to(pid)
         k.map_range(pid, BUFFER_VA, working_set, writable=True, populate=True)
         for i in range(working_set):
