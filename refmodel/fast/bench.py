@@ -1,0 +1,318 @@
+"""Translation throughput: the slow path, the fast path and unicorn, in one run.
+
+One address space (4 KiB pages over 32 MiB, sixteen 2 MiB pages, one 1 GiB page
+of which the first 16 MiB are used) and N random 8-byte-aligned addresses in it
+(60 % / 25 % / 15 %). Each engine translates the same N addresses as data reads
+at CPL 0, starting from the same page tables with every A flag clear:
+
+* slow    — :func:`refmodel.arch.is_canonical` + :func:`refmodel.arch.walk.walk`,
+  one address after another (no TLB);
+* fast    — :func:`refmodel.fast.translate`: snapshot of the paging structures,
+  batch walk, A/D write-back (everything the N walks do);
+* unicorn — an x86-64 loop of N loads (``mov rax, [rsi]; add rdx, [rax]``) on
+  unicorn's QEMU softmmu with the same page tables; it has a TLB, so this is what
+  an emulator does with those loads, not N full walks. Only the loop is timed.
+  The sum of the loaded values (each 8-byte word of data memory holds its own
+  physical address) must equal the sum of the fast path's physical addresses.
+
+unicorn is an optional dependency: without it the bench says so and reports the
+other two. Nothing here asserts a speed; the numbers are for the reader.
+"""
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..arch.access import Access, AccessKind
+from ..arch.builder import PageTableBuilder
+from ..arch.physmem import PhysicalMemory
+from ..arch.pte import PageSize, PteFlag
+from ..arch.types import PAGE_SIZE
+from ..arch.walk import PagingContext, Translation, is_canonical, walk
+from ..errors import RefmodelError
+from .translate import translate
+
+MAXPHYADDR = 46
+#: (linear base, physical base, page size, number of pages, bytes addressed)
+REGION_4K = (0x0000_7F00_0000_0000, 0x0200_0000, PageSize.SIZE_4K, 8192, 32 << 20)
+REGION_2M = (0x0000_5500_0000_0000, 0x0400_0000, PageSize.SIZE_2M, 16, 32 << 20)
+REGION_1G = (0x0000_6000_0000_0000, 0x4000_0000, PageSize.SIZE_1G, 1, 16 << 20)
+REGIONS = (REGION_4K, REGION_2M, REGION_1G)
+SHARES = (0.60, 0.25, 0.15)
+#: unicorn's own mappings: the address array (2 MiB pages) and the loop's code page
+ARRAY_VA, ARRAY_PA = 0x0000_5600_0000_0000, 0x0800_0000
+CODE_VA, CODE_PA = 0x0000_5700_0000_0000, 0x0A00_0000
+TABLE_FRAMES = range(0x100, 0x1000)  #: page tables live at 1..16 MiB
+
+DEFAULT_SIZES = (10**3, 10**4, 10**5, 10**6)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Space:
+    mem: PhysicalMemory
+    ctx: PagingContext
+    array_pages: int  #: 2 MiB pages mapped for unicorn's address array
+
+
+def build_space(max_n: int) -> Space:
+    """The benchmark's page tables (no data frames: a walk reads only tables)."""
+    mem = PhysicalMemory(MAXPHYADDR)
+    b = PageTableBuilder(mem, iter(TABLE_FRAMES))
+    flags = PteFlag.RW | PteFlag.US
+    for va, pa, size, count, _ in REGIONS:
+        for i in range(count):
+            b.map(va + i * size.value, pa + i * size.value, flags, size)
+    array_pages = max(1, -(-max_n * 8 // PageSize.SIZE_2M.value))
+    for i in range(array_pages):
+        b.map(ARRAY_VA + i * PageSize.SIZE_2M.value, ARRAY_PA + i * PageSize.SIZE_2M.value, flags, PageSize.SIZE_2M)
+    b.map(CODE_VA, CODE_PA, flags)
+    return Space(mem, PagingContext(cr3=b.cr3, maxphyaddr=MAXPHYADDR), array_pages)
+
+
+def addresses(n: int, seed: int) -> NDArray[np.uint64]:
+    """N random 8-byte-aligned linear addresses spread over the three regions."""
+    rng = np.random.default_rng(seed)
+    which = rng.choice(len(REGIONS), size=n, p=list(SHARES))
+    out = np.empty(n, dtype=np.uint64)
+    for r, (va, _, _, _, span) in enumerate(REGIONS):
+        sel = which == r
+        out[sel] = np.uint64(va) + rng.integers(0, span // 8, size=int(sel.sum()), dtype=np.uint64) * np.uint64(8)
+    return out
+
+
+# -- the three engines ------------------------------------------------------------------
+
+
+def run_slow(space: Space, vas: list[int]) -> list[int]:
+    mem = space.mem.copy()
+    access = Access(AccessKind.READ, 0)
+    out: list[int] = []
+    for va in vas:
+        if not is_canonical(va):
+            raise RefmodelError(f"bench address {va:#x} is not canonical")
+        o = walk(mem, space.ctx, va, access).outcome
+        if not isinstance(o, Translation):
+            raise RefmodelError(f"bench address {va:#x} faulted in the slow path: {o}")
+        out.append(o.pa)
+    return out
+
+
+def run_fast(space: Space, vas: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    mem = space.mem.copy()
+    r = translate(mem, space.ctx, vas, AccessKind.READ, 0)
+    if not bool(r.ok.all()):
+        raise RefmodelError("a bench address faulted in the fast path")
+    return r.pa
+
+
+class UnicornLoads:
+    """Minimal unicorn driver: the bench's tables and data in physical memory,
+    4-level paging on, and a loop of N loads at CPL 0."""
+
+    LOOP = bytes.fromhex(
+        "488b06"  # loop: mov rax, [rsi]      ; next address
+        "480310"  #       add rdx, [rax]      ; the load being measured
+        "4883c608"  #     add rsi, 8
+        "48ffc9"  #       dec rcx
+        "75f1"  #         jnz loop
+    )
+
+    def __init__(self, space: Space) -> None:
+        # unicorn's own annotations are partial: use it untyped, as an oracle
+        unicorn: Any = importlib.import_module("unicorn")
+        x86: Any = importlib.import_module("unicorn.x86_const")
+        self._x86 = x86
+        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        uc.ctl_set_cpu_model(x86.UC_CPU_X86_SKYLAKE_SERVER)  # NX, 1 GiB pages
+        uc.ctl_set_tlb_mode(unicorn.UC_TLB_CPU)  # translate through the guest's tables
+        lo, hi = TABLE_FRAMES.start * PAGE_SIZE, TABLE_FRAMES.stop * PAGE_SIZE
+        uc.mem_map(lo, hi - lo)
+        for frame in space.mem.populated_frames():
+            uc.mem_write(frame * PAGE_SIZE, space.mem.frame_bytes(frame))
+        for _, pa, _, _, span in REGIONS:
+            uc.mem_map(pa, span)
+            uc.mem_write(pa, (np.uint64(pa) + np.arange(0, span, 8, dtype=np.uint64)).astype("<u8").tobytes())
+        uc.mem_map(ARRAY_PA, space.array_pages * PageSize.SIZE_2M.value)
+        uc.mem_map(CODE_PA, PAGE_SIZE)
+        uc.mem_write(CODE_PA, self.LOOP)
+        uc.reg_write(x86.UC_X86_REG_CR4, 1 << 5)  # PAE
+        uc.msr_write(0xC000_0080, (1 << 8) | (1 << 10) | (1 << 11))  # EFER.LME, LMA, NXE
+        uc.reg_write(x86.UC_X86_REG_CR3, space.ctx.cr3)
+        uc.reg_write(x86.UC_X86_REG_CR0, (1 << 0) | (1 << 16) | (1 << 31))  # PE, WP, PG
+        self.uc = uc
+        self.array_bytes = space.array_pages * PageSize.SIZE_2M.value
+
+    def run(self, vas: NDArray[np.uint64]) -> tuple[float, int]:
+        """Seconds for the load loop, and the sum of the loaded words (mod 2**64)."""
+        n = int(vas.size)
+        if n * 8 > self.array_bytes or n == 0:
+            raise RefmodelError(f"unicorn bench: N={n} outside 1..{self.array_bytes // 8}")
+        x86, uc = self._x86, self.uc
+        uc.mem_write(ARRAY_PA, vas.astype("<u8").tobytes())
+        uc.reg_write(x86.UC_X86_REG_RSI, ARRAY_VA)
+        uc.reg_write(x86.UC_X86_REG_RCX, n)
+        uc.reg_write(x86.UC_X86_REG_RDX, 0)
+        t0 = time.perf_counter()
+        uc.emu_start(CODE_VA, CODE_VA + len(self.LOOP))
+        dt = time.perf_counter() - t0
+        return dt, int(uc.reg_read(x86.UC_X86_REG_RDX))
+
+
+def unicorn_available() -> str | None:
+    """None if unicorn can be imported, else why not."""
+    try:
+        importlib.import_module("unicorn")
+    except ImportError as err:
+        return f"unicorn is not installed ({err}); it is an optional test dependency: pip install unicorn"
+    return None
+
+
+# -- measurement and report ----------------------------------------------------------------
+
+
+def best_of(repeat: int, fn: Callable[[], T]) -> tuple[float, T]:
+    """The shortest of ``repeat`` timed calls, and the last call's result."""
+    best = float("inf")
+    result: T | None = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    assert result is not None
+    return best, result
+
+
+@dataclass
+class Row:
+    n: int
+    slow_s: float
+    slow_extrapolated: bool
+    fast_s: float
+    unicorn_s: float | None
+
+    def rate(self, seconds: float | None) -> float | None:
+        return None if seconds is None else self.n / seconds
+
+
+def _fmt_rate(r: float | None, mark: str = "") -> str:
+    return "—" if r is None else f"{r:,.0f}{mark}"
+
+
+def _fmt_ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None else f"{a / b:,.1f}x"
+
+
+def run_bench(
+    sizes: Sequence[int], slow_max_n: int, use_unicorn: bool, repeat: int, seed: int, out: Callable[[str], None]
+) -> list[Row]:
+    if not sizes or min(sizes) <= 0:
+        raise RefmodelError("bench sizes must be positive")
+    max_n = max(sizes)
+    space = build_space(max_n)
+    why_not = unicorn_available() if use_unicorn else "disabled with --no-unicorn"
+    engine: UnicornLoads | None = None
+    if why_not is None:
+        engine = UnicornLoads(space)
+    out(f"refmodel bench: 4-level translation of N random addresses (8-byte reads, CPL 0), seed {seed}")
+    out(f"  address space: {REGION_4K[3]} x 4 KiB, {REGION_2M[3]} x 2 MiB, 1 x 1 GiB pages "
+        f"({', '.join(f'{s:.0%}' for s in SHARES)} of the addresses)")
+    out("  slow = is_canonical + arch.walk.walk per address; fast = fast.translate (snapshot + batch + A/D write-back);")
+    out("  unicorn = x86 loop of N loads on QEMU softmmu (has a TLB), loop only")
+    out(f"  timings: best of {repeat} for fast and unicorn; slow best of {repeat} below N=100000, else one run")
+    if why_not is not None:
+        out(f"  unicorn: skipped — {why_not}")
+    out("")
+    header = f"{'N':>9} {'slow tr/s':>14} {'fast tr/s':>14} {'unicorn ld/s':>14} {'fast/slow':>10} {'fast/unicorn':>13} {'unicorn/slow':>13}"
+    out(header)
+    rows: list[Row] = []
+    slow_per_addr: float | None = None
+    for n in sizes:
+        vas = addresses(n, seed)
+        vas_list = [int(v) for v in vas.tolist()]
+        fast_pa = run_fast(space, vas)
+        if n <= slow_max_n:
+            slow_s, slow_pa = best_of(repeat if n < 100_000 else 1, lambda: run_slow(space, vas_list))
+            if slow_pa != [int(p) for p in fast_pa.tolist()]:
+                raise RefmodelError(f"N={n}: the fast path disagrees with the slow path")
+            slow_per_addr = slow_s / n
+            extrapolated = False
+        else:
+            if slow_per_addr is None:
+                raise RefmodelError("--slow-max-n is below the smallest N: nothing to extrapolate from")
+            slow_s, extrapolated = slow_per_addr * n, True
+        fast_s, _ = best_of(repeat, lambda: run_fast(space, vas))
+        uni_s: float | None = None
+        if engine is not None:
+            want = int(fast_pa.sum(dtype=np.uint64))
+            times = []
+            for _ in range(repeat):
+                dt, total = engine.run(vas)
+                if total != want:
+                    raise RefmodelError(f"N={n}: unicorn loaded sum {total:#x}, the fast path's addresses sum to {want:#x}")
+                times.append(dt)
+            uni_s = min(times)
+        row = Row(n, slow_s, extrapolated, fast_s, uni_s)
+        rows.append(row)
+        s, f, u = row.rate(slow_s), row.rate(fast_s), row.rate(uni_s)
+        out(f"{n:>9} {_fmt_rate(s, '*' if extrapolated else ''):>14} {_fmt_rate(f):>14} {_fmt_rate(u):>14} "
+            f"{_fmt_ratio(f, s):>10} {_fmt_ratio(f, u):>13} {_fmt_ratio(u, s):>13}")
+    if any(r.slow_extrapolated for r in rows):
+        out(f"  * slow path NOT measured at this N: extrapolated linearly from N={slow_max_n_measured(rows)} (--slow-max-n {slow_max_n})")
+    out("  tr/s = translations per second; ld/s = loads per second; slow and fast results were checked equal where measured")
+    last = rows[-1]
+    verdict = "met" if last.slow_s / last.fast_s >= 100 else "NOT met"
+    how = "extrapolated slow path" if last.slow_extrapolated else "measured"
+    out(f"  acceptance (fast >= 100x slow at the largest N): fast/slow = {last.slow_s / last.fast_s:,.1f}x at N={last.n} ({how}): {verdict}")
+    return rows
+
+
+def slow_max_n_measured(rows: list[Row]) -> int:
+    return max(r.n for r in rows if not r.slow_extrapolated)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default=",".join(str(n) for n in DEFAULT_SIZES),
+                   help="comma-separated batch sizes N (default: 1000,10000,100000,1000000)")
+    p.add_argument("--slow-max-n", type=int, default=max(DEFAULT_SIZES),
+                   help="measure the slow path up to this N and extrapolate beyond it, marked '*' (default: measure all)")
+    p.add_argument("--no-unicorn", action="store_true", help="skip unicorn even if it is installed")
+    p.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--require-ratio", type=float, default=None,
+                   help="exit 1 unless fast/slow at the largest N is at least this (acceptance: 100)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    try:
+        sizes = [int(float(s)) for s in str(args.sizes).split(",") if s.strip()]
+    except ValueError:
+        raise RefmodelError(f"--sizes: not a list of numbers: {args.sizes!r}") from None
+    if args.repeat < 1:
+        raise RefmodelError("--repeat must be at least 1")
+    rows = run_bench(sizes, args.slow_max_n, not args.no_unicorn, args.repeat, args.seed, print)
+    if args.require_ratio is not None:
+        last = rows[-1]
+        ratio = last.slow_s / last.fast_s
+        if ratio < args.require_ratio:
+            print(f"fast/slow = {ratio:.1f}x at N={last.n}: below the required {args.require_ratio:g}x", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_translate", description=__doc__.splitlines()[0] if __doc__ else None)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except RefmodelError as err:
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 2
