@@ -1,0 +1,121 @@
+"""The seed question's numbers, asserted across modes (issue "Hypervisor",
+acceptance), and the ``refmodel compare`` command's behaviour."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from refmodel.account.events import Event, ExitReason
+from refmodel.cli import main
+from refmodel.compare import (
+    RunResult, equivalent, remap_setup, remap_workload, run_switch, run_workload, seed_workload,
+)
+from refmodel.guest.ops import Mode
+from refmodel.hv.modes import ModeSpec, standard_specs
+
+PAGES = 1024
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def seed() -> dict[str, RunResult]:
+    return {s.label: run_workload(s, seed_workload(PAGES)) for s in standard_specs(BATCH)}
+
+
+@pytest.fixture(scope="module")
+def remap() -> dict[str, RunResult]:
+    return {s.label: run_workload(s, remap_workload(PAGES), remap_setup(PAGES)) for s in standard_specs(BATCH)}
+
+
+def test_seed_guest_visible_results_identical(seed: dict[str, RunResult]) -> None:
+    results = list(seed.values())
+    assert equivalent(results) == []
+    assert len(results[0].record.observations) == 2 * PAGES
+
+
+def test_seed_shadow_traps_every_page_table_write(seed: dict[str, RunResult]) -> None:
+    shadow = seed["shadow"].counters
+    assert shadow.exits[ExitReason.PT_WRITE] >= PAGES
+    assert shadow[Event.EMULATED_PT_WRITE] >= PAGES
+
+
+def test_seed_out_of_sync_shadows_trap_far_less(seed: dict[str, RunResult]) -> None:
+    oos = seed["shadow-oos"].counters.exits[ExitReason.PT_WRITE]
+    assert oos * 50 < seed["shadow"].counters.exits[ExitReason.PT_WRITE]
+
+
+def test_seed_pv_batches_hypercalls(seed: dict[str, RunResult]) -> None:
+    batched = seed[f"pv batched ({BATCH})"].counters
+    unbatched = seed["pv unbatched"].counters
+    for c in (batched, unbatched):
+        assert c[Event.VM_EXIT] == 0 and c[Event.HYPERCALL_ENTRY] >= PAGES
+    # the 1024 leaf writes travel in ceil(1024/batch) hypercalls; table links add at most one batch
+    assert math.ceil(PAGES / BATCH) <= batched[Event.HYPERCALL] <= math.ceil(PAGES / BATCH) + 1
+    assert unbatched[Event.HYPERCALL] >= PAGES
+
+
+def test_seed_hap_has_no_exits_and_24_references_per_cold_miss(seed: dict[str, RunResult]) -> None:
+    hap = seed["hap"].counters
+    assert hap[Event.VM_EXIT] == 0 and hap.exits[ExitReason.PT_WRITE] == 0
+    assert hap[Event.TLB_MISS] == PAGES
+    assert hap[Event.WALK_REF] + hap[Event.EPT_WALK_REF] == 24 * hap[Event.TLB_MISS]
+    assert seed["native"].counters[Event.WALK_REF] == 4 * seed["native"].counters[Event.TLB_MISS]
+
+
+def flushes(r: RunResult) -> int:
+    c = r.counters
+    return sum(c[e] for e in (Event.TLB_FLUSH_SINGLE, Event.TLB_FLUSH_FULL, Event.TLB_FLUSH_PCID,
+                               Event.TLB_FLUSH_GLOBAL, Event.TLB_FLUSH_VPID))
+
+
+def test_remap_pv_batched_flushes_once_per_batch_shadow_per_write(remap: dict[str, RunResult]) -> None:
+    assert equivalent(list(remap.values())) == []
+    assert flushes(remap[f"pv batched ({BATCH})"]) == math.ceil(PAGES / BATCH)
+    shadow = remap["shadow"].counters
+    assert shadow.exits[ExitReason.PT_WRITE] >= PAGES
+    assert shadow.exits[ExitReason.INVLPG] == PAGES
+    assert flushes(remap["shadow"]) >= PAGES
+
+
+@pytest.mark.parametrize("tagged", [False, True])
+def test_switch_costs_the_same_world_switch_and_tags_keep_the_tlb(tagged: bool) -> None:
+    results = [run_switch(s, working_set=32, rounds=4) for s in standard_specs(BATCH, tagged=tagged)]
+    assert equivalent(results) == []
+    hyper = [r for r in results if r.spec.mode is not Mode.NATIVE]
+    assert len({r.counters[Event.WORLD_SWITCH] for r in hyper}) == 1
+    for r in hyper:
+        if tagged:
+            assert r.counters[Event.TLB_MISS] == 0, r.spec.label
+        else:
+            assert r.counters[Event.TLB_MISS] == 8 * 32, r.spec.label
+
+
+def test_compare_cli_prints_every_mode_and_the_equivalence_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--pages", "8", "--scenario", "seed"]) == 0
+    out = capsys.readouterr().out
+    for label in ("native", "shadow", "shadow-oos", "pv unbatched", "pv batched (32)", "hap"):
+        assert f"\n{label} " in out
+    assert "identical across all 6 modes" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--pages", "0"], "--pages must be in 1..4096"), (["--pages", "5000"], "--pages"), (["--batch", "0"], "--batch")],
+)
+def test_compare_cli_rejects_bad_arguments(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_compare_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    from refmodel.account.costs import CostTable
+    from refmodel.plot import plot, sweep
+
+    out = tmp_path / "p.png"
+    series = sweep([ModeSpec(Mode.NATIVE), ModeSpec(Mode.PV, batch_size=8)], CostTable.default(), sizes=(1, 16))
+    assert series[1].hypercalls[1] > series[1].hypercalls[0]
+    plot(series, out, "test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
