@@ -61,6 +61,10 @@ def plot(series: list[Series], path: Path, title: str) -> None:
         if any(s.hypercalls):
             left.plot(s.pages, s.hypercalls, marker="s", linestyle="--", label=f"{s.label}: hypercalls")
         right.plot(s.pages, s.cycles, marker="o", label=s.label)
+    silent = [s.label for s in series if not any(s.exits) and not any(s.hypercalls)]
+    if silent:
+        left.text(0.98, 0.02, f"zero exits and hypercalls: {', '.join(silent)}", transform=left.transAxes,
+                  ha="right", va="bottom", fontsize=8)
     for ax, ylabel in ((left, "VM exits / hypercalls"), (right, "estimated cycles")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
