@@ -21,7 +21,7 @@ class ModeSpec:
 
     mode: Mode
     batch_size: int = 32  #: PV only: requests per hypercall (1 = unbatched)
-    tagged: bool = True  #: VPID-tagged TLB (hypervisor modes)
+    tagged: bool = True  #: VPID-tagged TLB (hypervisor modes); PCIDs for native
 
     @property
     def label(self) -> str:
@@ -33,7 +33,7 @@ class ModeSpec:
 def standard_specs(batch_size: int = 32, tagged: bool = True) -> list[ModeSpec]:
     """The six columns of the seed comparison."""
     return [
-        ModeSpec(Mode.NATIVE),
+        ModeSpec(Mode.NATIVE, tagged=tagged),
         ModeSpec(Mode.SHADOW, tagged=tagged),
         ModeSpec(Mode.SHADOW_OOS, tagged=tagged),
         ModeSpec(Mode.PV, batch_size=1, tagged=tagged),
@@ -48,7 +48,7 @@ def build_backend(spec: ModeSpec, machine: Machine | None = None, domid: int = 1
     if spec.batch_size < 1:
         raise RefmodelError(f"batch size must be at least 1, got {spec.batch_size}")
     if spec.mode is Mode.NATIVE:
-        return NativeBackend(nr_frames)
+        return NativeBackend(nr_frames, pcids=spec.tagged)
     machine = machine if machine is not None else Machine()
     domain = machine.create_domain(domid, nr_frames)
     if spec.mode in (Mode.SHADOW, Mode.SHADOW_OOS):

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from ..account.events import Counters
 from ..arch.access import AccessKind
+from ..arch.control import CR3_NOFLUSH, Cr4
 from ..arch.fault import GeneralProtection, PageFault
 from ..arch.mmu import LoadResult, Mmu
 from ..arch.physmem import PhysicalMemory
@@ -39,15 +40,27 @@ def hardware_access(mmu: Mmu, va: int, kind: AccessKind, cpl: int, value: int) -
 
 
 class NativeBackend(MmuBackend):
-    """Bare metal: guest frame numbers are physical frame numbers."""
+    """Bare metal: guest frame numbers are physical frame numbers.
+
+    With ``pcids`` the OS tags each address space with a PCID (CR4.PCIDE = 1, SDM
+    4.10.1) and switches with CR3 bit 63 set — keeping the TLB — when nothing can
+    have gone stale since that PCID last ran, as Linux's ``switch_mm_irqs_off`` does
+    with its per-ASID ``tlb_gen``. Here the generation is global and bumped by every
+    page-table write: conservative, never unsound.
+    """
 
     mode = Mode.NATIVE
 
-    def __init__(self, nr_frames: int, maxphyaddr: int = 40) -> None:
+    def __init__(self, nr_frames: int, maxphyaddr: int = 40, pcids: bool = False) -> None:
         self.counters = Counters()
         self.nr_frames = nr_frames
         self.mem = PhysicalMemory(maxphyaddr)
-        self.mmu = Mmu(self.mem, ArchState(), Tlb(TLB_CAPACITY, TLB_WAYS, self.counters), self.counters)
+        state = ArchState(cr4=int(Cr4.PAE | Cr4.PCIDE)) if pcids else ArchState()
+        self.mmu = Mmu(self.mem, state, Tlb(TLB_CAPACITY, TLB_WAYS, self.counters), self.counters)
+        self.pcids = pcids
+        self._pcid_of: dict[GFN, int] = {}
+        self._generation = 0  #: bumped by every page-table write
+        self._clean_at: dict[int, int] = {}  #: PCID -> generation when it last left the CPU
 
     def _pa(self, gfn: GFN, offset: int = 0) -> int:
         if not 0 <= gfn < self.nr_frames:
@@ -74,6 +87,7 @@ class NativeBackend(MmuBackend):
         return self.mem.read_u64(self._pa(table, index * ENTRY_SIZE))
 
     def write_pte(self, table: GFN, index: int, level: Level, value: int) -> None:
+        self._generation += 1
         self.mem.write_u64(self._pa(table, index * ENTRY_SIZE), value)
 
     def new_table(self, table: GFN, level: Level) -> None:
@@ -86,7 +100,17 @@ class NativeBackend(MmuBackend):
         pass
 
     def load_cr3(self, root: GFN) -> None:
-        fault = self.mmu.mov_cr3(self._pa(root))
+        value = self._pa(root)
+        if self.pcids:
+            leaving = self.mmu.state.pcid
+            self._clean_at[leaving] = self._generation
+            pcid = self._pcid_of.setdefault(root, len(self._pcid_of) % 0xFFF + 1)
+            keep = self._clean_at.get(pcid) == self._generation
+            value |= pcid | (CR3_NOFLUSH if keep else 0)
+        self._mov_cr3(value)
+
+    def _mov_cr3(self, value: int) -> None:
+        fault = self.mmu.mov_cr3(value)
         if fault is not None:
             raise RefmodelError(f"load_cr3: {fault.reason}")
 
@@ -94,7 +118,8 @@ class NativeBackend(MmuBackend):
         self.mmu.invlpg(va)
 
     def flush_tlb(self) -> None:
-        self.load_cr3(GFN(self.mmu.state.cr3 >> PAGE_SHIFT))
+        """MOV CR3 of the current value without bit 63: flushes the current PCID."""
+        self._mov_cr3(self.mmu.state.cr3)
 
     def access(self, va: int, kind: AccessKind, cpl: int = 3, value: int = 0) -> int | PageFault:
         return hardware_access(self.mmu, va, kind, cpl, value)
