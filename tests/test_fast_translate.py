@@ -295,3 +295,19 @@ def test_empty_batch() -> None:
     mem, ctx, _ = small_space()
     r = translate(mem, ctx, np.zeros(0, dtype=np.uint64))
     assert len(r) == 0 and r.final_cr2(5) == 5
+
+
+def test_cr0_wp_decides_supervisor_writes_to_read_only_pages() -> None:
+    """SDM 4.6.1: with CR0.WP = 0 a supervisor write ignores R/W; with WP = 1 it
+    needs R/W = 1 at every level. (A deterministic guard for the planted-bug check.)"""
+    mem, ctx, _ = small_space()
+    vas = np.array([0x1000, 0x2000], dtype=np.uint64)  # read-only, writable (both U/S = 1)
+    for wp in (False, True):
+        c = replace(ctx, cr0=int(Cr0.PE | Cr0.PG) | (int(Cr0.WP) if wp else 0))
+        m_slow, m_fast = mem.copy(), mem.copy()
+        access = Access(AccessKind.WRITE, 0)
+        slow = slow_walks(m_slow, c, [0x1000, 0x2000], [access, access])
+        fast = translate(m_fast, c, vas, AccessKind.WRITE, 0)
+        assert_matches(fast, slow)
+        assert_same_memory(m_slow, m_fast)
+        assert fast.vector.tolist() == ([14, 0] if wp else [0, 0])

@@ -48,6 +48,8 @@ class FrameSnapshot:
         self.words = words
         #: rows the batch walk has changed since the snapshot was taken
         self.touched = np.zeros(frames.size + 1, dtype=np.bool_)
+        #: per address mask: the row of the frame each word references, for rows done
+        self._child: dict[int, tuple[NDArray[np.intp], NDArray[np.bool_]]] = {}
 
     # -- construction ----------------------------------------------------------------
     @classmethod
@@ -83,6 +85,23 @@ class FrameSnapshot:
         np.minimum(idx, nf - 1, out=idx)
         found = self.frames[idx] == frame_numbers
         return np.where(found, idx, nf).astype(np.intp, copy=False)
+
+    def child_rows(self, rows_in_use: NDArray[np.intp], addr_mask: int) -> NDArray[np.intp]:
+        """A flat ``(F + 1) * 512`` array: for each word of the rows in
+        ``rows_in_use``, the row of the frame its bits ``addr_mask`` reference
+        (other rows' entries are stale). Cached per mask: the walk only ORs A/D
+        into words, which never changes an address field."""
+        cache = self._child.get(addr_mask)
+        if cache is None:
+            cache = (np.zeros(self.words.size, dtype=np.intp), np.zeros(self.frames.size + 1, dtype=np.bool_))
+            self._child[addr_mask] = cache
+        child, done = cache
+        todo = rows_in_use[~done[rows_in_use]]
+        if todo.size:
+            frames = (self.words[todo] & np.uint64(addr_mask)) >> np.uint64(PAGE_SHIFT)
+            child.reshape(self.words.shape)[todo] = self.rows(frames)
+            done[todo] = True
+        return child
 
     def row(self, frame: int) -> int:
         return int(self.rows(np.array([frame], dtype=np.uint64))[0])

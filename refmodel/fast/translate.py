@@ -237,6 +237,7 @@ def translate_batch(
     addr_mask = np.uint64(phys_addr_mask(m))
     high_rsvd = np.uint64((((1 << 52) - 1) & ~((1 << m) - 1)) | (0 if ctx.nxe else int(PteFlag.XD)))
     words = snap.words.reshape(-1)
+    nrows = snap.frames.size + 1
 
     row = np.full(n, snap.row(ctx.pml4_base >> PAGE_SHIFT), dtype=np.intp)
     table = np.full(n, ctx.pml4_base, dtype=np.uint64)
@@ -245,61 +246,62 @@ def translate_batch(
     cause = np.zeros(n, dtype=np.uint8)
     entry_addrs = np.zeros((n, 4), dtype=np.uint64)
     leaf_level = np.zeros(n, dtype=np.uint8)
-    leaf_entry = np.zeros(n, dtype=np.uint64)
     leaf_flat = np.zeros(n, dtype=np.intp)
-    leaf_addr = np.zeros(n, dtype=np.uint64)
-    any_ro = np.zeros(n, dtype=np.bool_)  # some level has R/W = 0
-    any_sup = np.zeros(n, dtype=np.bool_)  # some level has U/S = 0
-    any_xd = np.zeros(n, dtype=np.bool_)  # some level has XD = 1
+    # Rights combine over the entries a walk uses (SDM 4.6.1): AND of the entries
+    # for R/W and U/S, OR for XD; a lane stops combining when it leaves the walk.
+    and_bits = np.full(n, _RW | _US, dtype=np.uint64)
+    or_bits = np.zeros(n, dtype=np.uint64)
     accessed: list[NDArray[np.intp]] = []  # flat indices of non-leaf entries used
+    zero = np.uint64(0)
 
     for depth, level in enumerate((4, 3, 2, 1)):
-        slot = ((va >> np.uint64(PAGE_SHIFT + 9 * (level - 1))) & _SLOT).astype(np.intp)
-        flat = row * WORDS_PER_FRAME + slot
+        slot = (va >> np.uint64(PAGE_SHIFT + 9 * (level - 1))) & _SLOT
+        flat = (row << 9) | slot.astype(np.intp)
         e = words[flat]
-        addr = table + slot.astype(np.uint64) * np.uint64(8)
-        entry_addrs[:, depth] = addr
+        entry_addrs[:, depth] = table | (slot << np.uint64(3))
         refs += alive
         present = (e & _P) != 0
         np.copyto(cause, C_NOT_PRESENT, where=alive & ~present)
         alive &= present
-        ps = (e & _PS) != 0
         rs = e & high_rsvd
         if level == 4 or (level == 3 and not ctx.page1gb):
             rs |= e & _PS
-        elif level in (3, 2):
-            rs |= np.where(ps, e & (_RSVD_1G if level == 3 else _RSVD_2M), np.uint64(0))
+            leaf = None
+        else:
+            ps = (e & _PS) != 0
+            if level != 1:
+                rs |= np.where(ps, e & (_RSVD_1G if level == 3 else _RSVD_2M), zero)
         bad = alive & (rs != 0)
         np.copyto(cause, C_RESERVED, where=bad)
         alive &= ~bad
-        # rights narrow only over the entries this walk actually uses (SDM 4.6.1)
-        any_ro |= alive & ((e & _RW) == 0)
-        any_sup |= alive & ((e & _US) == 0)
-        any_xd |= alive & ((e & _XD) != 0)
+        and_bits &= np.where(alive, e, _RW | _US)
+        or_bits |= np.where(alive, e, zero)
         if level == 1:
             leaf = alive
-        elif level == 4 or (level == 3 and not ctx.page1gb):
-            leaf = np.zeros(n, dtype=np.bool_)
-        else:
+        elif not (level == 4 or (level == 3 and not ctx.page1gb)):
             leaf = alive & ps
-        np.copyto(leaf_level, np.uint8(level), where=leaf)
-        np.copyto(leaf_entry, e, where=leaf)
-        np.copyto(leaf_flat, flat, where=leaf)
-        np.copyto(leaf_addr, addr, where=leaf)
-        alive &= ~leaf
+        if leaf is not None:
+            np.copyto(leaf_level, np.uint8(level), where=leaf)
+            np.copyto(leaf_flat, flat, where=leaf)
+            alive &= ~leaf
         if level == 1:
             break
         accessed.append(flat[alive])
         table = e & addr_mask
-        row = snap.rows(table >> np.uint64(PAGE_SHIFT))
+        in_use = np.flatnonzero(np.bincount(row, minlength=nrows))
+        row = snap.child_rows(in_use, int(addr_mask))[flat]
 
     # -- access rights at the leaf (SDM 4.6.1) ----------------------------------------
     walked = leaf_level != 0
-    writable = ~any_ro
-    user_addr = ~any_sup
+    writable = (and_bits & _RW) != 0
+    user_addr = (and_bits & _US) != 0
+    any_xd = (or_bits & _XD) != 0
     denied = denial_codes(ctx, writable, user_addr, any_xd, k, user_mode, impl)
     np.copyto(cause, denied, where=walked)
     ok = walked & (cause == CAUSE_NONE)
+    # the leaf entries as read, before this batch's A/D updates (for D and G)
+    leaf_entry = np.where(ok, words[leaf_flat], zero)
+    leaf_addr = np.where(ok, entry_addrs[np.arange(n), refs.astype(np.intp) - 1], zero)
 
     # -- A/D updates (SDM 4.8): idempotent ORs, order-free -------------------------------
     ok_write = ok & is_write
@@ -333,7 +335,7 @@ def translate_batch(
         cause=cause,
         refs=refs,
         entry_addrs=entry_addrs,
-        leaf_addr=np.where(ok, leaf_addr, np.uint64(0)).astype(np.uint64),
+        leaf_addr=leaf_addr.astype(np.uint64),
         writable=ok & writable,
         user=ok & user_addr,
         execute_disable=ok & any_xd,
