@@ -52,6 +52,7 @@ CODE_VA, CODE_PA = 0x0000_5700_0000_0000, 0x0A00_0000
 TABLE_FRAMES = range(0x100, 0x1000)  #: page tables live at 1..16 MiB
 
 DEFAULT_SIZES = (10**3, 10**4, 10**5, 10**6)
+ACCEPTANCE_N = 10**6
 T = TypeVar("T")
 
 
@@ -267,10 +268,14 @@ def run_bench(
     if any(r.slow_extrapolated for r in rows):
         out(f"  * slow path NOT measured at this N: extrapolated linearly from N={slow_max_n_measured(rows)} (--slow-max-n {slow_max_n})")
     out("  tr/s = translations per second; ld/s = loads per second; slow and fast results were checked equal where measured")
-    last = rows[-1]
-    verdict = "met" if last.slow_s / last.fast_s >= 100 else "NOT met"
-    how = "extrapolated slow path" if last.slow_extrapolated else "measured"
-    out(f"  acceptance (fast >= 100x slow at the largest N): fast/slow = {last.slow_s / last.fast_s:,.1f}x at N={last.n} ({how}): {verdict}")
+    last = max(rows, key=lambda r: r.n)
+    if last.n >= ACCEPTANCE_N:
+        verdict = "met" if last.slow_s / last.fast_s >= 100 else "NOT met"
+        how = "extrapolated slow path" if last.slow_extrapolated else "measured"
+        out(f"  acceptance (fast >= 100x slow at N={ACCEPTANCE_N}): fast/slow = {last.slow_s / last.fast_s:,.1f}x "
+            f"at N={last.n} ({how}): {verdict}")
+    else:
+        out(f"  acceptance (fast >= 100x slow) is judged at N={ACCEPTANCE_N}: not evaluated in this run")
     return rows
 
 
