@@ -36,6 +36,8 @@ BASES = (
     "core/tlb/invpcid/type-0",
     "core/access/phys-write",
     "core/tlb/relaxed-rights-without-invlpg",
+    "pv/multicall/update-and-flush",
+    "shadow/pte-write-then-invlpg",
 )
 ERROR_LINE = re.compile(r"^fuzz\.jsonl:(\d+): (?:field '[^'\n]+': )?[^\n]+$")
 

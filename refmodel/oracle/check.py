@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 
-from .replay import Model, Outcome, build_model, step_outcomes
-from .trace import Observation, Step, Trace, dumps_line, op_json
+from .replay import Model, Outcome, build_model, run_step, step_outcomes
+from ..errors import RefmodelError
+from .trace import Observation, Step, Trace, TraceError, dumps_line, op_json
 
 #: How many indistinguishable-so-far states the checker follows at most.
 MAX_STATES = 64
@@ -104,6 +105,8 @@ class CheckResult:
 
 def _merge(outcomes: list[Outcome]) -> tuple[list[Model], bool]:
     """Distinct states, first occurrence kept, at most MAX_STATES."""
+    if len(outcomes) == 1:
+        return [outcomes[0].model], False
     seen: set[Hashable] = set()
     models: list[Model] = []
     for out in outcomes:
@@ -125,13 +128,31 @@ def _distinct(outcomes: list[Outcome], recorded: Observation | None) -> tuple[tu
     return tuple(out)
 
 
+def _outcomes(model: Model, step: Step) -> list[Outcome]:
+    """The allowed outcomes of one step; an operation with only one (anything but
+    an access) runs on the state itself, without a copy."""
+    if model.may_branch(step.op):
+        return step_outcomes(model, step)
+    return [Outcome(run_step(model, step), model, "the model")]
+
+
 def check(trace: Trace) -> CheckResult:
-    """Check every recorded observation of ``trace`` against the model."""
+    """Check every recorded observation of ``trace`` against the model; a trace the
+    model cannot run is a :class:`TraceError` naming the line."""
+    try:
+        return _check(trace)
+    except TraceError as err:
+        raise err.with_source(trace.source) from None
+    except RefmodelError as err:
+        raise TraceError(1, None, f"the model cannot build this initial state: {err}", trace.source) from None
+
+
+def _check(trace: Trace) -> CheckResult:
     states: list[Model] = [build_model(trace.header)]
     result = CheckResult(operations=len(trace.steps), compared=0)
     previous: Step | None = None
     for index, step in enumerate(trace.steps):
-        outcomes = [o for model in states for o in step_outcomes(model, step)]
+        outcomes = [o for model in states for o in _outcomes(model, step)]
         distinct = tuple(dict.fromkeys(o.obs.without_counters() for o in outcomes))
         if len(distinct) > 1:
             result.ambiguous[index] = distinct

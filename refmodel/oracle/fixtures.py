@@ -29,6 +29,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..arch.builder import PageTableBuilder
 from ..arch.control import CR3_NOFLUSH, Cr0, Cr4, Efer, Rflags
@@ -36,13 +37,21 @@ from ..arch.physmem import PhysicalMemory
 from ..arch.pte import Level, PageSize, PteFlag, entry_frame_address, table_index
 from ..arch.types import ENTRY_SIZE, PAGE_SHIFT
 from ..arch.vcpu import ArchState
+from ..hv.machine import Machine
 from ..errors import RefmodelError
 from ..guest.ops import Mode
 from .check import check
 from .replay import annotate
 from .trace import (
+    DomainInit,
     Fetch,
     Header,
+    MachineInit,
+    MmuextEntry,
+    MmuextOp,
+    MmuUpdate,
+    MmuUpdateReq,
+    Multicall,
     Invlpg,
     Invpcid,
     Op,
@@ -52,7 +61,9 @@ from .trace import (
     Register,
     RegWrite,
     Step,
+    Switch,
     Trace,
+    UpdateVaMapping,
     VcpuInit,
     Write,
     dump_trace,
@@ -210,15 +221,16 @@ class Scenario:
 
 Make = Callable[[], Scenario]
 #: Every fixture's maker, in the order written; a family yields several scenarios.
-CATALOGUE: list[Callable[[], Iterable[Scenario]]] = []
+CATALOGUE: list[Callable[[], Iterable[Scenario | HvScenario]]] = []
+AnyMake = Callable[[], "Scenario | HvScenario"]
 
 
-def fixture(make: Make) -> Make:
+def fixture(make: AnyMake) -> AnyMake:
     CATALOGUE.append(lambda: [make()])
     return make
 
 
-def fixture_family(makes: Callable[[], Iterator[Scenario]]) -> None:
+def fixture_family(makes: Callable[[], Iterator[Scenario | HvScenario]]) -> None:
     CATALOGUE.append(makes)
 
 
@@ -918,6 +930,459 @@ def cr_privileged() -> Scenario:
 
 
 # ---------------------------------------------------------------------------------
+# Hypervisor modes
+# ---------------------------------------------------------------------------------
+
+#: Machine of every hypervisor fixture: 512 frames, the lowest 64 Xen's.
+HV_FRAMES = 512
+HV_XEN_FRAMES = 64
+#: Guest frames of the standard guest address space: L4, L3, L2, L1, then data.
+G_L4, G_L3, G_L2, G_L1 = 1, 2, 3, 4
+G_DATA, G_OTHER, G_SPARE_L1, G_SPARE = 8, 9, 10, 11
+#: Linear addresses every guest fixture maps: DATA_VA -> G_DATA (user, writable).
+GUEST_PAGES = 32
+
+
+#: Upper-level entries of guest tables: present, writable, user.
+TABLE_FLAGS_GUEST = PteFlag.P | PteFlag.RW | PteFlag.US
+#: Xen ABI numbers (xen/include/public/xen.h).
+MMU_NORMAL_PT_UPDATE, MMU_MACHPHYS_UPDATE, MMU_PT_UPDATE_PRESERVE_AD, MMU_PT_UPDATE_NO_TRANSLATE = 0, 1, 2, 3
+MMUEXT_PIN_L1_TABLE, MMUEXT_PIN_L2_TABLE, MMUEXT_PIN_L3_TABLE, MMUEXT_PIN_L4_TABLE = 0, 1, 2, 3
+MMUEXT_UNPIN_TABLE, MMUEXT_NEW_BASEPTR, MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_INVLPG_LOCAL = 4, 5, 6, 7
+MMUEXT_TLB_FLUSH_MULTI, MMUEXT_INVLPG_MULTI, MMUEXT_TLB_FLUSH_ALL, MMUEXT_INVLPG_ALL = 8, 9, 10, 11
+MMUEXT_FLUSH_CACHE, MMUEXT_SET_LDT, MMUEXT_NEW_USER_BASEPTR, MMUEXT_FLUSH_CACHE_GLOBAL = 12, 13, 15, 18
+MMUEXT_CLEAR_PAGE, MMUEXT_COPY_PAGE, MMUEXT_MARK_SUPER, MMUEXT_UNMARK_SUPER = 16, 17, 19, 20
+UVMF_NONE, UVMF_TLB_FLUSH, UVMF_INVLPG, UVMF_ALL = 0, 1, 2, 4
+DOMID_SELF = 0x7FF0
+
+
+class HvScenario:
+    """A fixture under a hypervisor: a small machine, domains created by
+    :meth:`Machine.create_domain` (so their P2M is refmodel's), guest page tables
+    built in guest frames, and operations by the vCPUs (one per domain).
+
+    A PV guest's entries hold machine frame numbers (it knows its P2M); an HVM
+    guest's hold guest frame numbers."""
+
+    def __init__(self, name: str, description: str, mode: Mode, *, domains: tuple[int, ...] = (1,),
+                 tagged: bool = True, privileged: tuple[int, ...] = ()) -> None:
+        self.name = name
+        self.description = description
+        self.mode = mode
+        self.tagged = tagged
+        self.machine = Machine(HV_FRAMES, HV_XEN_FRAMES, CORE_MAXPHYADDR)
+        self.domids = domains
+        for domid in domains:
+            self.machine.create_domain(domid, GUEST_PAGES, privileged=domid in privileged)
+        self.cr3: dict[int, int] = {d: 0 for d in domains}
+        self.steps: list[Step] = []
+
+    # -- frames ---------------------------------------------------------------------------
+    def mfn(self, gfn: int, domid: int = 1) -> int:
+        mfn = self.machine.domain(domid).mfn_of(gfn)
+        assert mfn is not None
+        return int(mfn)
+
+    def frame(self, gfn: int, domid: int = 1) -> int:
+        """What an entry referencing ``gfn`` holds: the MFN for PV, else the GFN."""
+        return self.mfn(gfn, domid) if self.mode is Mode.PV else gfn
+
+    def maddr(self, gfn: int, index: int, domid: int = 1) -> int:
+        """Machine address of entry ``index`` of guest frame ``gfn``."""
+        return (self.mfn(gfn, domid) << PAGE_SHIFT) + index * ENTRY_SIZE
+
+    def poke(self, gfn: int, index: int, value: int, domid: int = 1) -> None:
+        """Initial memory: qword ``index`` of guest frame ``gfn``."""
+        self.machine.mem.write_u64(self.maddr(gfn, index, domid), value)
+
+    def entry(self, gfn: int, flags: int, domid: int = 1) -> int:
+        return (self.frame(gfn, domid) << PAGE_SHIFT) | flags
+
+    def build(self, domid: int = 1, va: int = DATA_VA, data: int = G_DATA, leaf: int = int(URW | PteFlag.P)) -> None:
+        """The standard address space: ``va`` -> guest frame ``data`` through L4..L1
+        in G_L4..G_L1; the data frame holds :func:`data_word` of its machine address."""
+        table = int(TABLE_FLAGS_GUEST)
+        self.poke(G_L4, table_index(va, Level.L4), self.entry(G_L3, table, domid), domid)
+        self.poke(G_L3, table_index(va, Level.L3), self.entry(G_L2, table, domid), domid)
+        self.poke(G_L2, table_index(va, Level.L2), self.entry(G_L1, table, domid), domid)
+        self.poke(G_L1, table_index(va, Level.L1), self.entry(data, leaf, domid), domid)
+        for gfn in (G_DATA, G_OTHER, G_SPARE):
+            self.poke(gfn, 0, data_word(self.mfn(gfn, domid) << PAGE_SHIFT), domid)
+        if self.mode is not Mode.PV:
+            self.cr3[domid] = G_L4 << PAGE_SHIFT
+
+    def l1_slot(self, va: int = DATA_VA) -> int:
+        return table_index(va, Level.L1)
+
+    # -- operations ------------------------------------------------------------------------
+    def op(self, op: Op, note: str = "") -> None:
+        self.steps.append(Step(op, note=note))
+
+    def read(self, va: int = DATA_VA, cpl: int | None = 3, note: str = "") -> None:
+        self.op(Read(va, 8, cpl), note)
+
+    def write(self, va: int, value: int, cpl: int | None = 3, note: str = "") -> None:
+        self.op(Write(va, value, 8, cpl), note)
+
+    def fetch(self, va: int = DATA_VA, cpl: int | None = 3, note: str = "") -> None:
+        self.op(Fetch(va, cpl), note)
+
+    def mmu_update(self, *reqs: tuple[int, int], foreigndom: int = DOMID_SELF, note: str = "") -> None:
+        self.op(MmuUpdate(tuple(MmuUpdateReq(p, v) for p, v in reqs), foreigndom), note)
+
+    def mmuext(self, *ops: tuple[int, ...], foreigndom: int = DOMID_SELF, note: str = "") -> None:
+        self.op(MmuextOp(tuple(MmuextEntry(*o) for o in ops), foreigndom), note)
+
+    def boot_pv(self, domid: int = 1) -> None:
+        """Pin the L4 (validating the tree) and make it the base (CR3)."""
+        l4 = self.mfn(G_L4, domid)
+        self.mmuext((MMUEXT_PIN_L4_TABLE, l4), (MMUEXT_NEW_BASEPTR, l4), note="pin the L4, load it")
+
+    # -- the trace ----------------------------------------------------------------------------
+    def header(self) -> Header:
+        mem = self.machine.mem
+        memory = tuple((f, mem.frame_bytes(f)) for f in mem.populated_frames() if any(mem.frame_bytes(f)))
+        domains = tuple(
+            DomainInit(d, tuple(sorted((int(g), int(m)) for g, m in self.machine.domain(d).p2m.items())),
+                       self.machine.domain(d).privileged)
+            for d in self.domids
+        )
+        vcpus = tuple(VcpuInit.of(ArchState(cr3=self.cr3[d]), d) for d in self.domids)
+        return Header(
+            mode=self.mode, maxphyaddr=CORE_MAXPHYADDR, memory=memory, vcpus=vcpus, name=self.name,
+            description=self.description, machine=MachineInit(HV_FRAMES, HV_XEN_FRAMES, self.tagged), domains=domains,
+        )
+
+    def trace(self) -> Trace:
+        return Trace(self.header(), tuple(self.steps))
+
+
+
+
+def pv(name: str, description: str, **kwargs: Any) -> HvScenario:
+    """A booted PV guest: the standard address space, pinned and loaded."""
+    s = HvScenario(f"pv/{name}", description, Mode.PV, **kwargs)
+    for domid in s.domids:
+        s.build(domid)
+    s.boot_pv()
+    return s
+
+
+def remap_entry(s: HvScenario, gfn: int = G_OTHER, flags: int = int(URW | PteFlag.P)) -> tuple[int, int]:
+    """An mmu_update request pointing DATA_VA's PTE at ``gfn``."""
+    return (s.maddr(G_L1, s.l1_slot()) | MMU_NORMAL_PT_UPDATE, s.entry(gfn, flags))
+
+
+@fixture
+def pv_boot() -> HvScenario:
+    s = HvScenario("pv/mmuext/pin-and-new-baseptr", "A PV guest pins its L4 (Xen validates the whole tree: every table typed, every L1 entry checked) and installs it as its base with NEW_BASEPTR; its accesses then run on its own tables, which hold machine frame numbers (xen/arch/x86/mm.c do_mmuext_op, new_guest_cr3).", Mode.PV)
+    s.build()
+    s.read(note="no base table yet: #PF")
+    s.boot_pv()
+    s.read()
+    s.write(DATA_VA + 8, 0x1234)
+    s.read(DATA_VA + 8)
+    s.fetch()
+    return s
+@fixture
+def pv_mmu_update_map() -> HvScenario:
+    s = pv("mmu_update/normal-pt-update", "MMU_NORMAL_PT_UPDATE of an L1 entry: Xen validates the new entry (the frame must be the domain's, xen/arch/x86/mm.c mod_l1_entry) and writes it; ret 0, done 1. Xen does not flush after an L1 update: the guest invalidates (INVLPG_LOCAL) before relying on it.")
+    s.read(note="caches G_DATA")
+    s.mmu_update(remap_entry(s), note="DATA_VA -> G_OTHER")
+    s.read(note="old or new: no flush yet")
+    s.mmuext((MMUEXT_INVLPG_LOCAL, DATA_VA))
+    s.read(note="new")
+    s.mmu_update((s.maddr(G_L1, s.l1_slot(NEXT_VA)), s.entry(G_SPARE, int(URW | PteFlag.P))), note="map NEXT_VA, never cached")
+    s.read(NEXT_VA)
+    return s
+
+
+@fixture
+def pv_mmu_update_batch_error() -> HvScenario:
+    s = pv("mmu_update/stops-at-first-error", "do_mmu_update runs requests in order and stops at the first error: the return value is that error, done counts the requests before it, the ones after it are not applied.")
+    xen_frame = 5  # below HV_XEN_FRAMES: a hypervisor frame
+    s.mmu_update(
+        (s.maddr(G_L1, s.l1_slot(NEXT_VA)), s.entry(G_SPARE, int(URW | PteFlag.P))),
+        (s.maddr(G_L1, s.l1_slot(NEXT_VA + 0x1000)), (xen_frame << PAGE_SHIFT) | int(URW | PteFlag.P)),
+        (s.maddr(G_L1, s.l1_slot(NEXT_VA + 0x2000)), s.entry(G_OTHER, int(URW | PteFlag.P))),
+        note="2nd maps a Xen frame: -EBUSY, done 1",
+    )
+    s.read(NEXT_VA, note="the first request took effect")
+    s.read(NEXT_VA + 0x1000, note="the second did not")
+    s.read(NEXT_VA + 0x2000, note="nor the third")
+    return s
+
+
+@fixture
+def pv_mmu_update_writable_table() -> HvScenario:
+    s = pv("mmu_update/no-writable-mapping-of-a-page-table", "A page-table frame can be mapped read-only but never writable: the writable mapping needs a 'writable' type reference, impossible while the frame is typed as a page table (get_page_from_l1e -> get_page_type: -EBUSY).")
+    s.mmu_update((s.maddr(G_L1, s.l1_slot(NEXT_VA)), s.entry(G_L1, int(URW | PteFlag.P))), note="RW mapping of the L1 itself: -EBUSY")
+    s.mmu_update((s.maddr(G_L1, s.l1_slot(NEXT_VA)), s.entry(G_L1, int(PteFlag.US | PteFlag.P))), note="read-only: allowed")
+    s.read(NEXT_VA + s.l1_slot() * 8, note="the guest reads its own PTE for DATA_VA")
+    s.write(NEXT_VA, 1, note="read-only: #PF")
+    return s
+
+
+@fixture
+def pv_mmu_update_commands() -> HvScenario:
+    s = pv("mmu_update/commands", "The command in ptr bits 2:0: PT_UPDATE_PRESERVE_AD keeps the entry's A and D flags, MACHPHYS_UPDATE sets an M2P entry, PT_UPDATE_NO_TRANSLATE is a normal update for a PV guest, commands 4-7 are -ENOSYS (xen/include/public/xen.h, do_mmu_update).")
+    s.write(DATA_VA, 0x77, note="sets A and D in the PTE")
+    slot = s.maddr(G_L1, s.l1_slot())
+    s.mmu_update((slot | MMU_PT_UPDATE_PRESERVE_AD, s.entry(G_DATA, int(URW | PteFlag.P))), note="A and D preserved")
+    s.mmu_update((s.maddr(G_L1, s.l1_slot(NEXT_VA)), s.entry(G_L1, int(PteFlag.US | PteFlag.P))), note="look at the L1")
+    s.read(NEXT_VA + s.l1_slot() * 8, note="the PTE: A|D kept")
+    s.mmu_update(((s.mfn(G_SPARE) << PAGE_SHIFT) | MMU_MACHPHYS_UPDATE, G_SPARE), note="M2P[mfn] = gfn")
+    s.mmu_update((slot | MMU_PT_UPDATE_NO_TRANSLATE, s.entry(G_DATA, int(URW | PteFlag.P))), note="as a normal update for PV")
+    s.read(note="still G_DATA")
+    s.mmu_update((slot | 4, 0), note="command 4: -ENOSYS")
+    s.mmu_update((slot | 7, 0), note="command 7: -ENOSYS")
+    return s
+
+
+@fixture
+def pv_mmu_update_bad_flags() -> HvScenario:
+    s = pv("mmu_update/refused-entries", "Entries Xen refuses: PSE in an L2 (no superpages for PV: -EINVAL), a flag outside the allowed set (PCD without I/O privilege: -EINVAL), a frame nobody owns (get_page_from_l1e: -EBUSY), an entry in a frame that is not the guest's (-EINVAL).")
+    pde = s.maddr(G_L2, table_index(BIG_VA, Level.L2))
+    s.mmu_update((s.maddr(G_L3, table_index(BIG_VA, Level.L3)), s.entry(G_L2, int(TABLE_FLAGS_GUEST))), note="link the L2 under BIG_VA's L3 slot: fine")
+    s.mmu_update((pde, (s.mfn(G_SPARE) << PAGE_SHIFT) | int(URW | PteFlag.P | PteFlag.PS)), note="a 2 MiB superpage: -EINVAL")
+    s.mmu_update((s.maddr(G_L1, s.l1_slot(NEXT_VA)), s.entry(G_SPARE, int(URW | PteFlag.P | PteFlag.PCD))), note="PCD: -EINVAL")
+    s.mmu_update((s.maddr(G_L1, s.l1_slot(NEXT_VA)), (HV_FRAMES - 1 - 2 * GUEST_PAGES) << PAGE_SHIFT | int(URW | PteFlag.P)), note="a free frame: -EBUSY")
+    s.mmu_update(((HV_XEN_FRAMES - 1) << PAGE_SHIFT, 0), note="ptr in a Xen frame: -EINVAL")
+    return s
+
+
+@fixture
+def pv_mmu_update_l2_flush() -> HvScenario:
+    s = pv("mmu_update/upper-level-update-flushes", "After a batch that changed an L2-L4 entry Xen flushes the domain's TLB (do_mmu_update: 'flush_tlb_mask' when an upper level changed), so an access after unlinking the L1 faults.")
+    s.read(note="caches the translation")
+    s.mmu_update((s.maddr(G_L2, table_index(DATA_VA, Level.L2)), 0), note="unlink the L1")
+    s.read(note="#PF: Xen flushed")
+    return s
+
+
+@fixture
+def pv_mmu_update_foreign() -> HvScenario:
+    s = pv("mmu_update/foreigndom", "The foreigndom argument: naming oneself by number and naming an unknown domain are -ESRCH (get_pg_owner), a non-privileged domain may not name another (-EPERM, xsm_mmu_update).", domains=(1, 2))
+    req = (s.maddr(G_L1, s.l1_slot(NEXT_VA)), s.entry(G_SPARE, int(URW | PteFlag.P)))
+    s.mmu_update(req, foreigndom=1, note="itself by number")
+    s.mmu_update(req, foreigndom=9, note="no domain 9")
+    s.mmu_update(req, foreigndom=2, note="another domain, unprivileged")
+    return s
+
+
+@fixture
+def pv_pin() -> HvScenario:
+    s = pv("mmuext/pin-unpin", "PIN_Lx_TABLE takes and keeps a type reference (validating the table); pinning twice and unpinning an unpinned frame are -EINVAL; a frame typed as one level cannot be pinned as another (-EINVAL); a data frame mapped writable cannot be pinned.")
+    l3, l2, l1 = s.mfn(G_L3), s.mfn(G_L2), s.mfn(G_L1)
+    s.mmuext((MMUEXT_PIN_L3_TABLE, l3), note="L3: fine")
+    s.mmuext((MMUEXT_PIN_L3_TABLE, l3), note="again: -EINVAL")
+    s.mmuext((MMUEXT_PIN_L1_TABLE, l2), note="an L2 as an L1: -EINVAL")
+    s.mmuext((MMUEXT_PIN_L2_TABLE, l2), (MMUEXT_PIN_L1_TABLE, l1), note="both fine")
+    s.mmuext((MMUEXT_UNPIN_TABLE, l1), (MMUEXT_UNPIN_TABLE, l1), note="second: -EINVAL, done 1")
+    s.mmuext((MMUEXT_PIN_L1_TABLE, s.mfn(G_DATA)), note="the data frame is mapped writable: -EINVAL")
+    s.mmuext((MMUEXT_PIN_L1_TABLE, 5), note="a Xen frame: -EINVAL")
+    return s
+
+
+@fixture
+def pv_pin_validates() -> HvScenario:
+    s = HvScenario("pv/mmuext/pin-validates-the-tree", "Pinning an L4 validates every table below it; an L1 entry that maps another domain's frame makes the pin fail (get_page_from_l1e: -EBUSY) and nothing stays typed, so after the entry is cleared with an ordinary (untyped-frame) update the pin succeeds.", Mode.PV, domains=(1, 2))
+    s.build(1)
+    s.build(2)
+    s.poke(G_L1, table_index(NEXT_VA, Level.L1), (s.mfn(G_DATA, 2) << PAGE_SHIFT) | int(URW | PteFlag.P))
+    s.mmuext((MMUEXT_PIN_L4_TABLE, s.mfn(G_L4)), note="-EBUSY: an L1 entry maps domain 2's frame")
+    s.mmuext((MMUEXT_NEW_BASEPTR, s.mfn(G_L4)), note="-EBUSY: validation fails again")
+    s.mmu_update((s.maddr(G_L1, s.l1_slot(NEXT_VA)), 0), note="an untyped frame: a plain, checked store")
+    s.mmuext((MMUEXT_PIN_L4_TABLE, s.mfn(G_L4)), (MMUEXT_NEW_BASEPTR, s.mfn(G_L4)), note="now fine")
+    s.read()
+    return s
+
+
+@fixture
+def pv_new_baseptr() -> HvScenario:
+    s = pv("mmuext/new-baseptr-switch", "NEW_BASEPTR switches to another L4 (validating it) and flushes the non-global TLB entries: the new address space's mapping is seen at once; a frame that is not the caller's is -EINVAL.")
+    l4b = G_SPARE_L1 + 10
+    for level, (table, nxt) in {Level.L4: (l4b, G_L3)}.items():
+        s.poke(table, table_index(DATA_VA, level), s.entry(nxt, int(TABLE_FLAGS_GUEST)))
+    s.read(note="G_DATA through the first L4")
+    s.mmu_update((s.maddr(G_L1, s.l1_slot()), s.entry(G_OTHER, int(URW | PteFlag.P))), note="remap, no flush")
+    s.mmuext((MMUEXT_NEW_BASEPTR, s.mfn(l4b)), note="second L4 (shares the L3): flushes")
+    s.read(note="G_OTHER")
+    s.mmuext((MMUEXT_NEW_BASEPTR, 5), note="a Xen frame: -EINVAL")
+    return s
+
+
+def _pv_flushes() -> Iterator[HvScenario]:
+    cases: dict[str, list[tuple[int, ...]]] = {
+        "tlb-flush-local": [(MMUEXT_TLB_FLUSH_LOCAL,)],
+        "invlpg-local": [(MMUEXT_INVLPG_LOCAL, DATA_VA)],
+        "tlb-flush-all": [(MMUEXT_TLB_FLUSH_ALL,)],
+        "invlpg-all": [(MMUEXT_INVLPG_ALL, DATA_VA)],
+        "tlb-flush-multi": [(MMUEXT_TLB_FLUSH_MULTI, 0, NEXT_VA)],
+        "invlpg-multi": [(MMUEXT_INVLPG_MULTI, DATA_VA, NEXT_VA)],
+    }
+    for name, ops in cases.items():
+        s = pv(f"mmuext/{name}", f"MMUEXT_{name.upper().replace('-', '_')} after an L1 update: the stale translation is gone afterwards (the *_MULTI forms read a vCPU bitmap from guest memory, here at NEXT_VA, bit 0 set).")
+        s.mmu_update((s.maddr(G_L1, s.l1_slot(NEXT_VA)), s.entry(G_SPARE, int(URW | PteFlag.P))), note="map the bitmap page")
+        s.write(NEXT_VA, 1, note="vCPU bitmap: vCPU 0")
+        s.read(note="caches G_DATA")
+        s.mmu_update(remap_entry(s))
+        s.mmuext(*ops)
+        s.read(note="G_OTHER")
+        yield s
+    s = pv("mmuext/multi-bad-bitmap", "A *_MULTI flush whose vCPU bitmap Xen cannot read is -EINVAL (vcpumask_to_pcpumask).")
+    s.mmuext((MMUEXT_TLB_FLUSH_MULTI, 0, OTHER_VA), note="bitmap pointer to an unmapped page")
+    s.mmuext((MMUEXT_INVLPG_LOCAL, NONCANONICAL_LOW), note="non-canonical: ignored, success")
+    yield s
+
+
+fixture_family(_pv_flushes)
+
+
+@fixture
+def pv_mmuext_misc() -> HvScenario:
+    s = pv("mmuext/other-commands", "Other mmuext_op commands: FLUSH_CACHE needs cache-flush permission (-EACCES), CLEAR_PAGE and COPY_PAGE work on the caller's writable frames, [UN]MARK_SUPER are -EOPNOTSUPP, an unassigned command is -ENOSYS, and a batch stops at the first failure.")
+    s.mmuext((MMUEXT_FLUSH_CACHE,))
+    s.mmuext((MMUEXT_COPY_PAGE, s.mfn(G_SPARE), s.mfn(G_DATA)), note="copy G_DATA into G_SPARE")
+    s.mmu_update((s.maddr(G_L1, s.l1_slot(NEXT_VA)), s.entry(G_SPARE, int(URW | PteFlag.P))))
+    s.read(NEXT_VA, note="the copy")
+    s.mmuext((MMUEXT_CLEAR_PAGE, s.mfn(G_SPARE)))
+    s.read(NEXT_VA, note="zero")
+    s.mmuext((MMUEXT_CLEAR_PAGE, s.mfn(G_L1)), note="a page table: -EINVAL")
+    s.mmuext((MMUEXT_MARK_SUPER, s.mfn(G_DATA)), (MMUEXT_UNMARK_SUPER, s.mfn(G_DATA)))
+    s.mmuext((14,), note="unassigned")
+    s.mmuext((MMUEXT_NEW_USER_BASEPTR, s.mfn(G_L4)), note="the user-mode base (64-bit PV)")
+    s.mmuext((MMUEXT_FLUSH_CACHE_GLOBAL,))
+    s.mmuext((MMUEXT_SET_LDT, 0, 0), (MMUEXT_SET_LDT, 0x1001, 1), note="LDT off: fine; unaligned base: -EINVAL")
+    s.mmuext((MMUEXT_TLB_FLUSH_LOCAL,), (MMUEXT_FLUSH_CACHE,), (MMUEXT_TLB_FLUSH_LOCAL,), note="done 1")
+    return s
+
+
+def _uvm() -> Iterator[HvScenario]:
+    for flags, name in ((UVMF_NONE, "none"), (UVMF_INVLPG, "invlpg"), (UVMF_TLB_FLUSH, "tlb-flush"),
+                        (UVMF_INVLPG | UVMF_ALL, "invlpg-all")):
+        s = pv(f"update_va_mapping/{name}", f"update_va_mapping(DATA_VA, new PTE, {name}): Xen finds the L1 through the guest's current tables and sets the entry; the flush (flags & 3) follows only a successful update (xen/arch/x86/mm.c __do_update_va_mapping).")
+        s.read(note="caches G_DATA")
+        s.op(UpdateVaMapping(DATA_VA, s.entry(G_OTHER, int(URW | PteFlag.P)), flags))
+        s.read(note="old or new" if flags == UVMF_NONE else "new")
+        yield s
+    s = pv("update_va_mapping/errors", "update_va_mapping errors: no L1 for the address (-EINVAL), an entry Xen refuses (-EINVAL, and no flush), a vCPU bitmap Xen cannot read (-EFAULT after the entry was set).")
+    s.read(note="caches G_DATA")
+    s.op(UpdateVaMapping(OTHER_VA, s.entry(G_OTHER, int(URW | PteFlag.P)), UVMF_INVLPG), note="OTHER_VA has no L1")
+    s.op(UpdateVaMapping(DATA_VA, s.entry(G_L1, int(URW | PteFlag.P)), UVMF_INVLPG), note="writable map of a page table")
+    s.read(note="unchanged")
+    s.op(UpdateVaMapping(DATA_VA, s.entry(G_OTHER, int(URW | PteFlag.P)), UVMF_INVLPG | OTHER_VA), note="unreadable bitmap pointer")
+    s.op(UpdateVaMapping(DATA_VA, s.entry(G_OTHER, int(URW | PteFlag.P)), UVMF_INVLPG), note="same value again, then flush")
+    s.read(note="G_OTHER")
+    yield s
+
+
+fixture_family(_uvm)
+
+
+@fixture
+def pv_multicall() -> HvScenario:
+    s = pv("multicall/update-and-flush", "A multicall runs every entry and stores each return; a failing entry does not stop the others; a multicall inside a multicall is -EINVAL in its own result (xen/common/multicall.c).")
+    s.read(note="caches G_DATA")
+    bad = (s.maddr(G_L1, s.l1_slot(NEXT_VA)), s.entry(G_L1, int(URW | PteFlag.P)))
+    s.op(Multicall((
+        MmuUpdate((MmuUpdateReq(*remap_entry(s)),)),
+        MmuUpdate((MmuUpdateReq(*bad),)),
+        Multicall(()),
+        MmuextOp((MmuextEntry(MMUEXT_INVLPG_LOCAL, DATA_VA),)),
+        UpdateVaMapping(NEXT_VA, s.entry(G_SPARE, int(URW | PteFlag.P)), UVMF_INVLPG),
+    )), note="remap; refused update; nested multicall; INVLPG; map NEXT_VA")
+    s.read(note="G_OTHER")
+    s.read(NEXT_VA, note="G_SPARE")
+    return s
+
+
+def _switch() -> Iterator[HvScenario]:
+    for tagged in (True, False):
+        tag = "tagged" if tagged else "untagged"
+        s = pv(f"switch/{tag}", f"Two PV domains on one physical CPU: a context switch saves and restores each vCPU; {'with' if tagged else 'without'} tags, each domain's translations {'survive' if tagged else 'are flushed by'} the switch (counters: tlb_hit vs tlb_miss after switching back).", domains=(1, 2), tagged=tagged)
+        s.read(note="domain 1")
+        s.op(Switch(1))
+        s.boot_pv(2)
+        s.read(note="domain 2, its own G_DATA")
+        s.op(Switch(0))
+        s.read(note="domain 1 again")
+        yield s
+
+
+fixture_family(_switch)
+
+
+HVM_MODES = (Mode.SHADOW, Mode.SHADOW_OOS, Mode.HAP)
+
+
+def hvm(mode: Mode, name: str, description: str, **kwargs: Any) -> HvScenario:
+    """An HVM guest with the standard address space and CR3 on its L4."""
+    s = HvScenario(f"{mode.value}/{name}", description, mode, **kwargs)
+    for domid in s.domids:
+        s.build(domid)
+    return s
+
+
+def guest_pte(s: HvScenario, va: int, gfn: int, flags: int = int(URW | PteFlag.P)) -> None:
+    """The guest stores a new PTE for ``va`` into its L1 (trapped under shadow)."""
+    s.op(PteWrite(G_L1, table_index(va, Level.L1), s.entry(gfn, flags), 1))
+
+
+def _hvm() -> Iterator[HvScenario]:
+    how = {
+        Mode.SHADOW: "the store traps and Xen re-propagates the shadow entry (an L1 change: no flush)",
+        Mode.SHADOW_OOS: "the L1 goes out of sync (no trap after the first) and is resynced at INVLPG",
+        Mode.HAP: "a plain store: EPT translates, nothing traps",
+    }
+    for mode in HVM_MODES:
+        s = hvm(mode, "pte-write-then-invlpg", f"An HVM guest remaps a page by storing to its own PTE: {how[mode]}. Until the guest's INVLPG the old translation may be used, as on bare metal (SDM 4.10.4.3); after it, the new one.")
+        s.read(note="caches G_DATA")
+        guest_pte(s, DATA_VA, G_OTHER)
+        s.read(note="old or new")
+        s.op(Invlpg(DATA_VA))
+        s.read(note="new")
+        guest_pte(s, NEXT_VA, G_SPARE)
+        s.read(NEXT_VA, note="never cached: new")
+        yield s
+        s = hvm(mode, "mov-cr3-flushes", "A guest MOV to CR3 flushes its non-global translations (under shadow it exits and Xen loads the shadow of the new root).")
+        s.read()
+        guest_pte(s, DATA_VA, G_OTHER)
+        s.op(RegWrite(Register.CR3, G_L4 << PAGE_SHIFT))
+        s.read(note="new")
+        yield s
+        s = hvm(mode, "guest-page-faults", "Faults the guest's own tables cause reach the guest with the error code and CR2 bare metal gives (shadow: reflected by Xen after walking the guest tables; HAP: delivered by the processor).")
+        guest_pte(s, NEXT_VA, G_SPARE, int(PteFlag.P))
+        s.read(NEXT_VA + 0x10000, note="not present: 0x4")
+        s.write(NEXT_VA, 1, note="supervisor page, user write: 0x7")
+        s.read(NEXT_VA, cpl=0, note="supervisor read: fine")
+        s.write(NEXT_VA, 1, cpl=0, note="read-only, CR0.WP = 1: 0x3")
+        s.read(NONCANONICAL_LOW, note="#GP")
+        yield s
+        s = hvm(mode, "accessed-dirty", "The guest sees A and D in its own PTE exactly as on bare metal (shadow: Xen sets them in the guest entry when it propagates; HAP: the processor's 2-D walk sets them). The guest reads its L1 through a read-only mapping of it.")
+        guest_pte(s, NEXT_VA, G_L1, int(PteFlag.P | PteFlag.US))
+        slot = NEXT_VA + table_index(DATA_VA, Level.L1) * ENTRY_SIZE
+        s.read(slot, note="the PTE: no A")
+        s.read(note="sets A")
+        s.read(slot, note="A")
+        s.write(DATA_VA, 5, note="sets D")
+        s.read(slot, note="A and D")
+        yield s
+        for tagged in (True, False):
+            tag = "tagged" if tagged else "untagged"
+            s = hvm(mode, f"switch/{tag}", f"Two HVM domains on one physical CPU; {'with VPIDs their translations survive the switch' if tagged else 'without VPIDs every VM exit/entry and every switch flushes the TLB'} (counters).", domains=(1, 2), tagged=tagged)
+            s.read(note="domain 1")
+            s.op(Switch(1))
+            s.read(note="domain 2")
+            s.op(Switch(0))
+            s.read(note="domain 1 again")
+            yield s
+
+
+fixture_family(_hvm)
+
+
+# ---------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------
 
@@ -951,7 +1416,7 @@ def expected(trace: Trace) -> tuple[Trace, tuple[int, ...]]:
     return replace(annotated, steps=tuple(steps)), tuple(sorted(result.ambiguous))
 
 
-def scenarios() -> list[Scenario]:
+def scenarios() -> list[Scenario | HvScenario]:
     """Every scenario of the catalogue, in catalogue order."""
     return [scenario for make in CATALOGUE for scenario in make()]
 

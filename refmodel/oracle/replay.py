@@ -33,9 +33,12 @@ entries with current lower ones.
 from __future__ import annotations
 
 import copy
+import enum
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ..account.events import Counters
 from ..arch.access import Access, AccessKind
@@ -43,17 +46,27 @@ from ..arch.control import CR3_NOFLUSH, Cr4, Rflags
 from ..arch.fault import GeneralProtection, PageFault
 from ..arch.mmu import LoadResult, Mmu, usable
 from ..arch.physmem import PhysicalMemory
+from ..arch.pte import Level
 from ..arch.tlb import Tlb, TlbEntry
-from ..arch.types import ENTRY_SIZE, PAGE_SHIFT
+from ..arch.types import ENTRY_SIZE, GFN, MFN, PAGE_SHIFT, DomId
 from ..arch.vcpu import ArchState
 from ..arch.walk import Translation, access_denial, is_canonical, page_fault
 from ..errors import RefmodelError
-from ..guest.ops import Mode
+from ..guest.ops import MmuBackend, Mode
+from ..hv.machine import Domain, Machine
+from ..hv.native import TLB_CAPACITY, TLB_WAYS
+from ..hv.sched import Scheduler
 from .trace import (
+    DomainInit,
     Fetch,
     Header,
+    Hypercall,
     Invlpg,
     Invpcid,
+    MachineInit,
+    MmuextOp,
+    MmuUpdate,
+    Multicall,
     Observation,
     Op,
     PhysWrite,
@@ -61,15 +74,23 @@ from .trace import (
     Read,
     Register,
     RegWrite,
+    Result,
     Step,
+    Switch,
     Trace,
     TraceError,
+    UpdateVaMapping,
     Write,
     gp_obs,
     ok,
     op_name,
     page_fault_obs,
 )
+
+if TYPE_CHECKING:
+    from ..hv.pv.abi import MmuextOp as PvMmuextOp
+    from ..hv.pv.abi import MmuUpdate as PvMmuUpdate
+    from ..hv.pv.abi import MulticallEntry
 
 #: The model's TLB when the header names none: the core's default geometry.
 DEFAULT_TLB = (64, 4)
@@ -96,6 +117,11 @@ class Model(ABC):
     def step(self, op: Op) -> Observation:
         """Run ``op`` the model's way (deterministic); the observation includes the
         counters the operation added."""
+
+    def may_branch(self, op: Op) -> bool:
+        """Whether ``op`` can have more than one allowed outcome: only an access to a
+        canonical address, whose translation the TLB may or may not supply."""
+        return isinstance(op, (Read, Write, Fetch)) and is_canonical(op.va)
 
     @abstractmethod
     def outcomes(self, op: Op) -> list[Outcome]:
@@ -200,6 +226,26 @@ def access_of(op: AccessOp, cpl: int) -> Access:
     return Access(kind, cpl, getattr(op, "implicit", False))
 
 
+def mmu_access(mmu: Mmu, op: AccessOp) -> Observation:
+    """One access on a processor at the op's CPL (the vCPU's if none is given; the
+    vCPU's own CPL is left as it was). A #PF loads CR2 (SDM 4.7)."""
+    cpl = mmu.state.cpl
+    if op.cpl is not None:
+        mmu.state = replace(mmu.state, cpl=op.cpl)
+    try:
+        if isinstance(op, Read):
+            out: LoadResult | Translation | PageFault | GeneralProtection = mmu.load(op.va, op.size, op.implicit)
+        elif isinstance(op, Write):
+            out = mmu.store(op.va, op.value, op.size, op.implicit)
+        else:
+            out = mmu.fetch(op.va)
+    finally:
+        mmu.state = replace(mmu.state, cpl=cpl)
+    if isinstance(out, PageFault):
+        mmu.state = replace(mmu.state, cr2=out.cr2)
+    return observe(out, with_value=True)
+
+
 class NativeModel(Model):
     """Bare metal: physical memory, one processor, its TLB (VPID 0)."""
 
@@ -247,26 +293,10 @@ class NativeModel(Model):
         raise RefmodelError(f"'{op_name(op)}' is not an operation of the bare processor")
 
     def _access(self, op: AccessOp) -> Observation:
-        """One access at the op's CPL (the vCPU's if none is given); the vCPU's own
-        CPL is left as it was."""
-        cpl = self.state.cpl
-        if op.cpl is not None:
-            self.mmu.state = replace(self.mmu.state, cpl=op.cpl)
-        try:
-            return self._access_at_cpl(op)
-        finally:
-            self.mmu.state = replace(self.mmu.state, cpl=cpl)
-
-    def _access_at_cpl(self, op: AccessOp) -> Observation:
-        if isinstance(op, Read):
-            out: LoadResult | Translation | PageFault | GeneralProtection = self.mmu.load(op.va, op.size, op.implicit)
-        elif isinstance(op, Write):
-            out = self.mmu.store(op.va, op.value, op.size, op.implicit)
-        else:
-            out = self.mmu.fetch(op.va)
-        if isinstance(out, PageFault):
-            self._page_fault(out)
-        return observe(out, with_value=True)
+        obs = mmu_access(self.mmu, op)
+        if obs.vector == PageFault.VECTOR and obs.cr2 is not None:
+            self.cacheable.invlpg(obs.cr2, self.mmu.vpid, self.state.pcid)
+        return obs
 
     def _page_fault(self, fault: PageFault) -> None:
         """SDM 4.7: CR2 := the linear address; 4.10.4.1: the page's entries go."""
@@ -338,7 +368,7 @@ class NativeModel(Model):
     def outcomes(self, op: Op) -> list[Outcome]:
         own = self.clone()
         result = [Outcome(own.step(op), own, "the model's TLB")]
-        if isinstance(op, (Read, Write, Fetch)) and is_canonical(op.va):
+        if isinstance(op, (Read, Write, Fetch)) and self.may_branch(op):
             result.extend(self._alternatives(op))
         return result
 
@@ -399,6 +429,350 @@ def _describe(e: TlbEntry) -> str:
 
 
 # ---------------------------------------------------------------------------------
+# Hypervisor modes
+# ---------------------------------------------------------------------------------
+
+
+class RecordingTlb(Tlb):
+    """The machine's physical TLB that also keeps :class:`Cacheable`: every entry it
+    was ever filled with, minus every invalidation the model performed. Under a
+    hypervisor the required invalidations are the model's own — the guest's INVLPG
+    and CR3 loads as the hypervisor carries them out, and the hypervisor's flushes
+    (Xen's after an L2-L4 update or a type change, a VM exit without VPIDs)."""
+
+    def __init__(self, capacity: int, ways: int, counters: Counters) -> None:
+        super().__init__(capacity, ways, counters)
+        self.cacheable = Cacheable()
+        self.mirror = True  #: False while the oracle drops entries on its own account
+
+    def fill(self, entry: TlbEntry) -> None:
+        super().fill(entry)
+        self.cacheable.add([entry])
+
+    def _mirror(self, doomed: Callable[[TlbEntry], bool]) -> None:
+        if self.mirror:
+            self.cacheable.drop(doomed)
+
+    def invalidate_page(self, va: int, vpid: int, pcid: int, include_global: bool = True) -> int:
+        self._mirror(
+            lambda e: e.vpid == vpid and entry_maps(e, va)
+            and (e.pcid == pcid or (include_global and e.global_page))
+            and (include_global or not e.global_page)
+        )
+        return super().invalidate_page(va, vpid, pcid, include_global)
+
+    def invalidate_pcid(self, vpid: int, pcid: int) -> int:
+        self._mirror(lambda e: e.vpid == vpid and e.pcid == pcid and not e.global_page)
+        return super().invalidate_pcid(vpid, pcid)
+
+    def invalidate_nonglobal(self, vpid: int) -> int:
+        self._mirror(lambda e: e.vpid == vpid and not e.global_page)
+        return super().invalidate_nonglobal(vpid)
+
+    def invalidate_all(self, vpid: int) -> int:
+        self._mirror(lambda e: e.vpid == vpid)
+        return super().invalidate_all(vpid)
+
+    def invalidate_vpid(self, vpid: int) -> int:
+        self._mirror(lambda e: e.vpid == vpid)
+        return super().invalidate_vpid(vpid)
+
+    def flush_everything(self) -> int:
+        self._mirror(lambda e: True)
+        return super().flush_everything()
+
+
+def install_domain(machine: Machine, init: DomainInit) -> Domain:
+    """Give a domain exactly the P2M the trace names (owner, M2P, P2M). The machine
+    allocates frames in its own order (:meth:`Machine.create_domain`); a trace may
+    name any guest frames, so they are taken out of its free list here."""
+    domain = Domain(DomId(init.domid), privileged=init.privileged)
+    machine.domains[domain.domid] = domain
+    taken = {mfn for _, mfn in init.p2m}
+    machine._free = [m for m in machine._free if m not in taken]  # no public API adopts given frames
+    for gfn, mfn in init.p2m:
+        machine.owner[MFN(mfn)] = domain.domid
+        machine.m2p[MFN(mfn)] = GFN(gfn)
+        domain.p2m[GFN(gfn)] = MFN(mfn)
+    return domain
+
+
+def build_machine(header: Header) -> Machine:
+    machine_init = header.machine
+    assert machine_init is not None
+    capacity, ways = header.tlb or (TLB_CAPACITY, TLB_WAYS)
+    machine = Machine(machine_init.nr_frames, machine_init.hypervisor_frames, header.maxphyaddr, capacity, ways)
+    machine.tlb = RecordingTlb(capacity, ways, machine.counters)
+    for init in header.domains:
+        install_domain(machine, init)
+    for frame, data in header.memory:
+        machine.mem.load_frame(frame, data)
+    return machine
+
+
+def build_backend(mode: Mode, machine: Machine, domain: Domain, machine_init: MachineInit) -> MmuBackend:
+    tagged = machine_init.tagged
+    if mode is Mode.PV:
+        from ..hv.pv.backend import PvBackend
+
+        return PvBackend(machine, domain, batch_size=machine_init.batch_size, tagged=tagged)
+    if mode in (Mode.SHADOW, Mode.SHADOW_OOS):
+        from ..hv.shadow.backend import ShadowBackend
+
+        return ShadowBackend(machine, domain, tagged=tagged, oos=mode is Mode.SHADOW_OOS)
+    from ..hv.hap.backend import HapBackend
+
+    return HapBackend(machine, domain, tagged=tagged)
+
+
+class HypervisorModel(Model):
+    """A machine running guests under Xen PV, shadow paging or HAP: one backend per
+    vCPU (one vCPU per domain), a scheduler switching them on the one physical CPU."""
+
+    def __init__(self, header: Header) -> None:
+        assert header.machine is not None
+        self.mode = header.mode
+        self.machine = build_machine(header)
+        tlb = self.machine.tlb
+        assert isinstance(tlb, RecordingTlb)
+        self.tlb: RecordingTlb = tlb
+        self.sched = Scheduler(self.tlb, self.machine.counters, header.machine.tagged)
+        self.backends: list[MmuBackend] = []
+        self.cpls: list[int] = []
+        for vcpu in header.vcpus:
+            assert vcpu.domid is not None
+            backend = build_backend(self.mode, self.machine, self.machine.domain(vcpu.domid), header.machine)
+            setattr(backend, "guest_state", vcpu.arch_state())
+            self.backends.append(backend)
+            self.cpls.append(vcpu.cpl)
+            self.sched.add(vcpu.domid, backend)
+        self.sched.switch_to(0)
+        self.current = 0
+        #: weak references to the machine inside the backends' state (Xen's frame
+        #: table refers to its machine weakly): a clone must point them at its copy
+        self.machine_refs = weak_references_to(self, self.machine)
+
+    def clone(self) -> Model:
+        """A deep copy whose weak references to the machine follow the copy (a plain
+        deepcopy would share the original's)."""
+        memo: dict[int, object] = {}
+        machine = copy.deepcopy(self.machine, memo)
+        for ref in self.machine_refs:
+            memo[id(ref)] = weakref.ref(machine)
+        twin = copy.deepcopy(self, memo)
+        assert twin.machine is machine
+        return twin
+
+    @property
+    def backend(self) -> MmuBackend:
+        return self.backends[self.current]
+
+    def hardware(self) -> Mmu:
+        """The processor the current vCPU runs on (the backend's MMU)."""
+        mmu = getattr(self.backend, "mmu")
+        assert isinstance(mmu, Mmu)
+        return mmu
+
+    # -- the model's run ------------------------------------------------------------------
+    def step(self, op: Op) -> Observation:
+        before = self.machine.counters.copy()
+        obs = self._run(op)
+        return _counted(self.machine.counters, before, obs)
+
+    def _run(self, op: Op) -> Observation:
+        if isinstance(op, (Read, Write, Fetch)):
+            return self._access(op)
+        if isinstance(op, Switch):
+            self.sched.switch_to(op.vcpu)
+            self.current = op.vcpu
+            return ok()
+        if isinstance(op, (MmuUpdate, MmuextOp, UpdateVaMapping, Multicall)):
+            return self._hypercall(op)
+        if isinstance(op, PteWrite) and op.level is not None:
+            self.backend.write_pte(GFN(op.table), op.index, Level(op.level), op.value)
+            return ok()
+        if isinstance(op, RegWrite) and op.reg is Register.CR3:
+            self.backend.load_cr3(GFN(op.value >> PAGE_SHIFT))
+            return ok()
+        if isinstance(op, Invlpg):
+            self.backend.invlpg(op.va)
+            return ok()
+        raise RefmodelError(f"'{op_name(op)}' is not an operation of mode {self.mode.value}")
+
+    def _access(self, op: AccessOp) -> Observation:
+        if not is_canonical(op.va):
+            return gp_obs(0)  # SDM Vol. 1 3.3.7.1: delivered to the guest, no exit
+        if self.mode is Mode.PV:
+            return mmu_access(self.hardware(), op)  # a PV guest runs on the real MMU
+        backend = self.backend
+        cpl = self.cpls[self.current] if op.cpl is None else op.cpl
+        kind = AccessKind.READ if isinstance(op, Read) else AccessKind.WRITE if isinstance(op, Write) else AccessKind.FETCH
+        out = backend.access(op.va, kind, cpl, op.value if isinstance(op, Write) else 0)
+        state: ArchState = getattr(backend, "guest_state")
+        setattr(backend, "guest_state", replace(state, cpl=self.cpls[self.current]))
+        if isinstance(out, PageFault):
+            return page_fault_obs(out.cr2, int(out.error_code))
+        return ok() if isinstance(op, Write) else ok(out)
+
+    def _hypercall(self, op: Hypercall) -> Observation:
+        """One hypercall by the current vCPU (xen/include/public/xen.h ABI): what the
+        guest sees is the return value and the done count (mmu_update, mmuext_op) or
+        each entry's result (multicall)."""
+        from ..hv.pv import hypercall
+
+        vcpu = getattr(self.backend, "vcpu")
+        if isinstance(op, MmuUpdate):
+            batch = hypercall.mmu_update(vcpu, pv_requests(op), op.foreigndom)
+            return Observation(Result.OK, ret=batch.rc, done=batch.done)
+        if isinstance(op, MmuextOp):
+            batch = hypercall.mmuext_op(vcpu, pv_mmuext_ops(op), op.foreigndom)
+            return Observation(Result.OK, ret=batch.rc, done=batch.done)
+        if isinstance(op, UpdateVaMapping):
+            return Observation(Result.OK, ret=hypercall.update_va_mapping(vcpu, op.va, op.val, op.flags))
+        result = hypercall.multicall(vcpu, pv_multicall_entries(op))
+        return Observation(Result.OK, ret=result.rc, results=tuple(e.result for e in result.entries))
+
+    # -- every allowed outcome ----------------------------------------------------------------
+    def outcomes(self, op: Op) -> list[Outcome]:
+        own = self.clone()
+        result = [Outcome(own.step(op), own, "the model's TLB")]
+        if not isinstance(op, (Read, Write, Fetch)) or not self.may_branch(op):
+            return result
+        mmu = self.hardware()
+        vpid, pcid = mmu.vpid, mmu.state.pcid
+        fresh = self.clone()
+        assert isinstance(fresh, HypervisorModel)
+        fresh._resync()
+        fresh._forget(op.va, vpid, pcid)
+        result.append(Outcome(fresh.step(op), fresh, "a walk of the guest's page tables as they are now"))
+        for entry in self.tlb.cacheable.for_access(op.va, vpid, pcid):
+            stale = self.clone()
+            assert isinstance(stale, HypervisorModel)
+            stale._forget(op.va, vpid, pcid)
+            stale.tlb.fill(entry)
+            result.append(Outcome(stale.step(op), stale, f"the cached translation {_describe(entry)}"))
+        return result
+
+    def _resync(self) -> None:
+        """Out-of-sync shadow tables: bring them in sync, as the hypervisor may at
+        any time (Xen resyncs on its own schedule too), so that the guest's current
+        entries are what the shadows say. Silent, like :meth:`_forget`."""
+        resync_all = getattr(self.backend, "resync_all", None)
+        if resync_all is None or not getattr(self.backend, "oos_enabled", False):
+            return
+        before = self.machine.counters.copy()
+        resync_all()
+        self.machine.counters.events = before.events
+        self.machine.counters.exits = before.exits
+
+    def _forget(self, va: int, vpid: int, pcid: int) -> None:
+        """Drop the TLB's entries for ``va`` silently: the processor's choice, not an
+        invalidation anyone required."""
+        before = self.machine.counters.copy()
+        self.tlb.mirror = False
+        try:
+            self.tlb.invalidate_page(va, vpid, pcid, include_global=True)
+        finally:
+            self.tlb.mirror = True
+        self.machine.counters.events = before.events
+        self.machine.counters.exits = before.exits
+
+    def fingerprint(self) -> Hashable:
+        return structural_key(self, {})
+
+
+def weak_references_to(root: object, target: object) -> list[weakref.ref[object]]:
+    """Every ``weakref.ref`` to ``target`` in the object graph below ``root``."""
+    found: list[weakref.ref[object]] = []
+    seen: set[int] = set()
+    todo: list[object] = [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or obj is None or isinstance(obj, (bool, int, str, bytes, bytearray, enum.Enum)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, weakref.ref):
+            if obj() is target:
+                found.append(obj)
+        elif isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            todo.extend(vars(obj).values())
+    return found
+
+
+#: Attributes that record what happened, not what can happen next.
+HISTORY_ATTRIBUTES = frozenset({"counters", "exits", "calls", "mmuext_cmds", "l1_update_calls", "stats"})
+
+
+def structural_key(obj: object, memo: dict[int, int]) -> Hashable:
+    """A hashable value equal for two object graphs with the same contents: the
+    fingerprint of a hypervisor model, whose state lives in many objects (page types,
+    shadow tables, out-of-sync pages, EPT). Counters are history and left out;
+    weak references are skipped."""
+    if obj is None or isinstance(obj, (bool, int, str, bytes, enum.Enum)):
+        return obj
+    if isinstance(obj, bytearray):
+        return bytes(obj)
+    if isinstance(obj, (weakref.ref, weakref.WeakKeyDictionary, weakref.WeakValueDictionary, Counters)):
+        return None
+    if id(obj) in memo:
+        return ("ref", memo[id(obj)])
+    memo[id(obj)] = len(memo)
+    if isinstance(obj, (list, tuple)):
+        return tuple(structural_key(x, memo) for x in obj)
+    if isinstance(obj, dict):
+        items = sorted(obj.items(), key=lambda kv: repr(kv[0]))
+        return ("dict",) + tuple((structural_key(k, memo), structural_key(v, memo)) for k, v in items)
+    if isinstance(obj, (set, frozenset)):
+        return ("set",) + tuple(sorted((structural_key(x, memo) for x in obj), key=repr))
+    fields = getattr(obj, "__dict__", None)
+    if fields is None:
+        slots = getattr(type(obj), "__slots__", ())
+        fields = {name: getattr(obj, name) for name in slots if hasattr(obj, name)}
+    return (type(obj).__name__,) + tuple(
+        (name, structural_key(value, memo)) for name, value in sorted(fields.items()) if name not in HISTORY_ATTRIBUTES
+    )
+
+
+def pv_requests(op: MmuUpdate) -> tuple[PvMmuUpdate, ...]:
+    from ..hv.pv.abi import MmuUpdate as PvMmuUpdate
+
+    return tuple(PvMmuUpdate(r.ptr, r.val) for r in op.reqs)
+
+
+def pv_mmuext_ops(op: MmuextOp) -> tuple[PvMmuextOp, ...]:
+    from ..hv.pv.abi import MmuextOp as PvMmuextOp
+
+    return tuple(PvMmuextOp(e.cmd, e.arg1, e.arg2) for e in op.ops)
+
+
+def pv_multicall_entries(op: Multicall) -> tuple[MulticallEntry, ...]:
+    """``struct multicall_entry`` for each call, its arguments as the C call takes
+    them (refmodel.hv.pv.multicall: ``pdone`` NULL)."""
+    from ..hv.pv.abi import Hypercall as Number
+    from ..hv.pv.abi import MulticallEntry as Entry
+
+    entries: list[MulticallEntry] = []
+    for call in op.calls:
+        if isinstance(call, MmuUpdate):
+            reqs = pv_requests(call)
+            entries.append(Entry(Number.MMU_UPDATE, args=(reqs, len(reqs), 0, call.foreigndom)))
+        elif isinstance(call, MmuextOp):
+            ops = pv_mmuext_ops(call)
+            entries.append(Entry(Number.MMUEXT_OP, args=(ops, len(ops), 0, call.foreigndom)))
+        elif isinstance(call, UpdateVaMapping):
+            entries.append(Entry(Number.UPDATE_VA_MAPPING, args=(call.va, call.val, call.flags)))
+        else:
+            inner = pv_multicall_entries(call)
+            entries.append(Entry(Number.MULTICALL, args=(inner, len(inner))))
+    return tuple(entries)
+
+
+# ---------------------------------------------------------------------------------
 # Building a model, replaying a trace
 # ---------------------------------------------------------------------------------
 
@@ -407,7 +781,7 @@ def build_model(header: Header) -> Model:
     """The model a trace's header describes."""
     if header.mode is Mode.NATIVE:
         return NativeModel.from_header(header)
-    raise RefmodelError(f"mode {header.mode.value} is not supported by the oracle yet")
+    return HypervisorModel(header)
 
 
 def run_step(model: Model, step: Step) -> Observation:
@@ -431,8 +805,13 @@ def step_outcomes(model: Model, step: Step) -> list[Outcome]:
 
 def replay(trace: Trace) -> list[Observation]:
     """The model's observation of every step, in order (deterministic)."""
-    model = build_model(trace.header)
-    return [run_step(model, step) for step in trace.steps]
+    try:
+        model = build_model(trace.header)
+        return [run_step(model, step) for step in trace.steps]
+    except TraceError as err:
+        raise err.with_source(trace.source) from None
+    except RefmodelError as err:
+        raise TraceError(1, None, f"the model cannot build this initial state: {err}", trace.source) from None
 
 
 def annotate(trace: Trace, counters: bool = True) -> Trace:

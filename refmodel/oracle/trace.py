@@ -434,6 +434,7 @@ class Header:
 class Trace:
     header: Header
     steps: tuple[Step, ...] = field(default_factory=tuple)
+    source: str = ""  #: the file it was read from, for error messages
 
     @property
     def ops(self) -> tuple[Op, ...]:
@@ -838,13 +839,30 @@ _PARSERS: dict[str, Callable[[Mapping[str, Json], _Checker], Op]] = {
 assert set(_PARSERS) == set(OP_NAMES)
 
 
-def _check_mode_allows(name: str, header: Header, line: int) -> None:
-    """Hypercalls exist only for PV guests; a context switch needs several vCPUs to
-    run on one physical CPU, which only the hypervisor modes have."""
-    if name in HYPERCALL_OPS and header.mode is not Mode.PV:
-        raise TraceError(line, "op", f"'{name}' is a Xen PV hypercall; this trace's mode is {header.mode.value}")
-    if name == "switch" and header.mode is Mode.NATIVE:
-        raise TraceError(line, "op", "'switch' needs a hypervisor mode (native traces have one vCPU)")
+#: The operations each hypervisor mode offers a guest. A PV guest changes its page
+#: tables, CR3 and TLB only through hypercalls; an HVM guest (shadow, HAP) stores to
+#: its page tables, loads CR3 and runs INVLPG itself.
+PV_OPS = ("read", "write", "fetch") + HYPERCALL_OPS + ("switch",)
+HVM_OPS = ("read", "write", "fetch", "pte_write", "mov_cr3", "invlpg", "switch")
+
+
+def _check_mode_allows(name: str, obj: Mapping[str, Json], header: Header, line: int) -> None:
+    """Which operations a mode has, and the shapes its backends take."""
+    mode = header.mode
+    if mode is Mode.NATIVE:
+        if name in HYPERCALL_OPS:
+            raise TraceError(line, "op", f"'{name}' is a Xen PV hypercall; this trace's mode is native")
+        if name == "switch":
+            raise TraceError(line, "op", "'switch' needs a hypervisor mode (native traces have one vCPU)")
+        return
+    allowed = PV_OPS if mode is Mode.PV else HVM_OPS
+    if name not in allowed:
+        raise TraceError(line, "op", f"'{name}' is not an operation of mode {mode.value}; it has: {', '.join(allowed)}")
+    if mode is not Mode.PV and name in ("read", "write"):
+        if obj.get("size", 8) != 8:
+            raise TraceError(line, "size", f"accesses are 8 bytes in mode {mode.value}")
+        if obj.get("implicit"):
+            raise TraceError(line, "implicit", f"implicit accesses are not modelled in mode {mode.value}")
 
 
 def parse_op(obj: Json, header: Header, line: int) -> Step:
@@ -857,9 +875,12 @@ def parse_op(obj: Json, header: Header, line: int) -> Step:
     if not isinstance(name, str) or name not in _PARSERS:
         raise TraceError(line, "op", f"unknown operation {_short(name)}; known: {', '.join(OP_NAMES)}")
     _validate(obj, f"op_{name}", line)
-    _check_mode_allows(name, header, line)
+    _check_mode_allows(name, obj, header, line)
     chk = _Checker(header, line)
     op = _PARSERS[name](obj, chk)
+    if isinstance(op, RegWrite) and header.mode is not Mode.NATIVE:
+        if op.value % PAGE_SIZE or op.value >> header.maxphyaddr:
+            raise TraceError(line, "value", "a guest's CR3 here is the page-aligned guest-physical address of its PML4")
     if isinstance(op, Multicall):
         for i, call in enumerate(obj["calls"]):
             if call["op"] not in HYPERCALL_OPS:
@@ -991,11 +1012,18 @@ def _check_hypervisor_header(header: Header, line: int) -> None:
     for frame, _ in header.memory:
         if frame >= machine.nr_frames:
             raise TraceError(line, f"memory.{frame:#x}", f"beyond the machine's {machine.nr_frames} frames")
+    seen: set[int] = set()
     for i, vcpu in enumerate(header.vcpus):
+        where = f"vcpus[{i}]"
         if vcpu.domid is None:
-            raise TraceError(line, f"vcpus[{i}].domid", f"is required in mode {header.mode.value}")
+            raise TraceError(line, f"{where}.domid", f"is required in mode {header.mode.value}")
         if vcpu.domid not in domids:
-            raise TraceError(line, f"vcpus[{i}].domid", f"no domain {vcpu.domid} in domains")
+            raise TraceError(line, f"{where}.domid", f"no domain {vcpu.domid} in domains")
+        if vcpu.domid in seen:
+            raise TraceError(line, f"{where}.domid", "the model runs one vCPU per domain")
+        seen.add(vcpu.domid)
+        if header.mode is Mode.PV and vcpu.cr3:
+            raise TraceError(line, f"{where}.cr3", "a PV vCPU starts without a base table (0); install one with MMUEXT_NEW_BASEPTR")
 
 
 # ---------------------------------------------------------------------------------
@@ -1042,7 +1070,7 @@ def parse_trace(data: bytes | str, source: str = "") -> Trace:
     """Parse a whole trace; any problem is a :class:`TraceError` naming the line."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     try:
-        return _parse_lines(raw.split(b"\n"))
+        return replace(_parse_lines(raw.split(b"\n")), source=source)
     except TraceError as err:
         raise err.with_source(source) from None
 
