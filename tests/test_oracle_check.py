@@ -171,7 +171,8 @@ def test_privileged_operations_at_cpl3_must_fault() -> None:
 
 def test_every_fixture_checks_clean_and_records_its_alternatives() -> None:
     for f in fixtures().values():
-        result = check(f.trace)
+        assert check(f.trace).clean, f.name
+        result = check(replace(f.trace, steps=tuple(replace(s, obs=s.obs.without_counters() if s.obs else None) for s in f.trace.steps)))
         assert result.clean, f.name
         assert tuple(sorted(result.ambiguous)) == f.ambiguous
         for index, step in enumerate(f.trace.steps):

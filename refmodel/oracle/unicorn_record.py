@@ -12,7 +12,7 @@ clean page, both of which the architecture allows.
 Workflow (docs/oracle.md)::
 
     refmodel fixtures --out fx
-    python -c "from refmodel.oracle.unicorn_record import main; main()" fx/core/tlb/remap-then-invlpg.jsonl > qemu.jsonl
+    python -m refmodel.oracle.unicorn_record fx/core/tlb/remap-then-invlpg.jsonl > qemu.jsonl
     refmodel check qemu.jsonl
 
 What unicorn cannot express is reported by :func:`obstacle` (and such a trace is
@@ -82,8 +82,8 @@ HARNESS_SLOT_OFFSET = HARNESS_PML4_SLOT * ENTRY_SIZE
 
 @dataclass(frozen=True)
 class UnicornRun:
-    """A trace as unicorn steps: initial memory, control state, the steps, and for
-    each trace operation the index of its step (or None if it has no step)."""
+    """A trace as unicorn steps: initial memory, control state, and one step per
+    trace operation, in order."""
 
     memory: dict[int, bytes]
     machine: UcMachine
