@@ -415,3 +415,51 @@ def test_shadow_sound_reports_a_corrupted_shadow() -> None:
     )
     problems = shadow_sound(backend)
     assert any("write-protected page table" in p for p in problems)
+
+
+# -- two domains on one processor ---------------------------------------------------------------------------
+@pytest.mark.parametrize("tagged", [True, False])
+@pytest.mark.parametrize("oos", [False, True])
+def test_two_domains_share_the_tlb_but_not_translations(tagged: bool, oos: bool) -> None:
+    """Two shadowed guests use the same virtual addresses, interleaved by the
+    scheduler on one physical TLB: each sees only its own memory."""
+    from refmodel.hv.machine import Machine
+    from refmodel.hv.sched import Scheduler
+
+    Step = Callable[[GuestKernel, int], None]
+
+    def touch(i: int, kind: AccessKind, value: int = 0) -> Step:
+        return lambda k, pid: k.touch(BUFFER_VA + i * PAGE, kind, value)
+
+    def workload(seed: int) -> list[Step]:
+        steps: list[Step] = [lambda k, pid: k.map_range(pid, BUFFER_VA, 40, writable=True, populate=True)]
+        steps += [touch(i, AccessKind.WRITE, seed * 1000 + i) for i in range(40)]
+        steps += [touch(i, AccessKind.READ) for i in range(40)]
+        steps.append(lambda k, pid: k.remap(pid, BUFFER_VA, 8))
+        steps += [touch(i, AccessKind.READ) for i in range(10)]
+        return steps
+
+    machine = Machine()
+    sched = Scheduler(machine.tlb, machine.counters, tagged)
+    kernels, pids = [], []
+    for domid in (1, 2):
+        backend = ShadowBackend(machine, machine.create_domain(domid, GUEST_FRAMES), tagged=tagged, oos=oos)
+        sched.add(domid, backend)
+        kernels.append(GuestKernel(backend, GUEST_FRAMES))
+    for i, kernel in enumerate(kernels):
+        sched.switch_to(i)
+        pids.append(kernel.create_process())
+    steps = [workload(1), workload(2)]
+    for n in range(len(steps[0])):
+        for i in (0, 1):
+            sched.switch_to(i)
+            steps[i][n](kernels[i], pids[i])
+    for i, kernel in enumerate(kernels):
+        assert isinstance(kernel.mmu, ShadowBackend)
+        assert_sound(kernel.mmu)
+
+        def alone(k: GuestKernel, pid: int, i: int = i) -> None:
+            for step in steps[i]:
+                step(k, pid)
+
+        assert record(kernel) == native_record(alone)

@@ -447,13 +447,12 @@ class ShadowBackend(MmuBackend):
         return None
 
     def _sync_walk(self, entry_addrs: list[int]) -> None:
-        """Propagate each guest entry a walk read (top level first) into its shadow."""
-        flush = False
+        """Propagate each guest entry a walk read (top level first) into every shadow
+        of its table — the walk's table at its level is shadowed if it was not yet."""
         for level, gpa in zip(WALK_LEVELS, entry_addrs):
-            page = self.shadow_of(GFN(frame_of(gpa)), level)
-            flush |= self.propagate(page, page_offset(gpa) // ENTRY_SIZE)
-        if flush:
-            self.flush_vcpu_tlb()
+            gfn = GFN(frame_of(gpa))
+            self.shadow_of(gfn, level)
+            self.validate_entry(gfn, page_offset(gpa) // ENTRY_SIZE)
 
     def _sync_leaf_for_write(self, l1e_gpa: int) -> None:
         """Out-of-sync mode: map the just-unsynced L1 frame writable in the shadow

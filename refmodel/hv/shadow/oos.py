@@ -15,9 +15,11 @@ and the callers of ``sh_resync``/``sh_resync_all`` in multi.c):
    (and its snapshot slot) without resyncing the table: "the pagefault and invlpg
    handlers may update only one entry on an out-of-sync page without resyncing it"
    (oos.c rule 2; ``sh_page_fault`` updates ``snp[guest_l1_table_offset(va)]``).
-   KVM does the same for INVLPG ("We rely on invlpg executions to synchronize
-   individual ptes, and will synchronize the entire pagetable on tlb flushes",
-   Linux commit 4731d4c7a077, and "prepopulate the shadow on invlpg", ad218f85e388).
+   KVM does the same: "We synchronize modified gptes when the guest invokes
+   invlpg ... we have to resynchronize all reachable unsynchronized shadow pages on
+   a tlb flush" (mmu.rst, "Synchronized and unsynchronized pages"); its invlpg
+   handler drops the translation and tries to "reinstantiate" it ("Reaction to
+   events"), which is what refmodel does: it re-propagates that one entry.
 4. When a shadow PDE starts linking the shadow of an out-of-sync L1, that L1 is
    resynced first (set.c ``shadow_set_l2e``); when a new PML4E/PDPTE link is
    installed, every out-of-sync table is (multi.c ``shadow_get_and_create_l1e``,
