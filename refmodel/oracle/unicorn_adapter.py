@@ -223,6 +223,11 @@ KNOWN_QEMU_DEVIATIONS: Final[tuple[str, ...]] = (
     "a page fault, and permission upgrades (R/W 0->1, XD 1->0, P 0->1) and writes "
     "to clean (D=0) pages take effect without INVLPG.  Allowed (§4.10.4.3), "
     "but hardware may fault on, or write through, the stale entry.",
+    "A page fault does not invalidate: a translation cached for the page before the "
+    "#PF (in any MMU mode) is still used afterwards, e.g. a read through a read-only "
+    "entry after a write faulted on the PTE made not present.  §4.10.4.1: a #PF "
+    "invalidates the TLB entries for the faulting page number (current PCID), so "
+    "the fault recurs unless memory changes.",
     "Large pages are cached per 4 KiB: after a page-table edit, an untouched 4 KiB "
     "part of a 2 MiB/1 GiB page translates with the new entry while a touched "
     "part stays stale until invalidated (allowed, §4.10.2.3, §4.10.4.3).",
