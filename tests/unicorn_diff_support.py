@@ -195,12 +195,34 @@ def describe_entry(value: int) -> str:
     return text + (f"|{rest:#x}" if rest else "")
 
 
+_ERROR_BITS = ((1, "P"), (2, "W"), (4, "U"), (8, "RSVD"), (16, "I"), (32, "PK"))
+
+
+def describe_result(result: UcResult) -> str:
+    """``ok 0x...``, ``#PF cr2=0x... error=0x5 (P|U)`` or ``#GP``."""
+    if result.kind == "ok":
+        return f"ok {result.value:#x}"
+    if result.kind == "gp":
+        return f"#GP({result.error_code:#x})"
+    bits = "|".join(name for bit, name in _ERROR_BITS if result.error_code & bit) or "0"
+    return f"#PF cr2={result.cr2:#x} error={result.error_code:#x} ({bits})"
+
+
+def describe_translation(entry: TlbEntry) -> str:
+    """``4K 0x0->0x9000 W U D`` (rights: W writable, U user, XD; D cached dirty, G global)."""
+    size = {12: "4K", 21: "2M", 30: "1G"}[entry.size.shift]
+    flags = [name for name, on in (("W", entry.rights.writable), ("U", entry.rights.user),
+             ("XD", entry.rights.execute_disable), ("D", entry.dirty), ("G", entry.global_page)) if on]
+    return f"{size} {entry.vpn << entry.size.shift:#x}->{entry.frame:#x} {' '.join(flags) or '-'}"
+
+
 def describe_step(step: UcStep) -> str:
     if isinstance(step, UcAccess):
         value = f" value={describe_entry(step.value)}" if step.kind is UcAccessKind.WRITE else ""
         return f"{step.kind.value.upper()} {step.va:#x} cpl={step.cpl}{value}"
     if isinstance(step, UcPhysWrite):
-        return f"PHYSWRITE frame {step.pa >> 12:#x} slot {step.pa % PAGE_SIZE // 8} := {describe_entry(step.value)}"
+        frame, slot = step.pa >> 12, step.pa % PAGE_SIZE // 8
+        return f"PHYSWRITE frame {frame:#x} slot {slot} := {describe_entry(step.value)}"
     if isinstance(step, UcInvlpg):
         return f"INVLPG {step.va:#x}"
     return f"MOV CR3 {step.cr3:#x}"
@@ -290,7 +312,9 @@ def draw_entry(draw: st.DrawFn, kind: EntryKind) -> int:
 
 def draw_tables(draw: st.DrawFn) -> tuple[tuple[int, int, int], ...]:
     """Every table frame's entries at :data:`SLOTS`."""
-    return tuple((frame, slot, draw_entry(draw, _FRAME_LEVEL[frame])) for frame in TABLE_FRAMES for slot in SLOTS)
+    return tuple(
+        (frame, slot, draw_entry(draw, _FRAME_LEVEL[frame])) for frame in TABLE_FRAMES for slot in SLOTS
+    )
 
 
 def draw_pages(draw: st.DrawFn) -> tuple[int, ...]:
@@ -331,7 +355,10 @@ def initial_path(entries: Mapping[tuple[int, int], int], va: int) -> list[tuple[
     return path
 
 
-def draw_edit(draw: st.DrawFn, pages: tuple[int, ...], entries: tuple[tuple[int, int, int], ...]) -> UcPhysWrite:
+Entries = tuple[tuple[int, int, int], ...]  #: (frame, slot, value) of every generated entry
+
+
+def draw_edit(draw: st.DrawFn, pages: tuple[int, ...], entries: Entries) -> UcPhysWrite:
     """A page-table edit: mostly of an entry on an initial walk path of a case page;
     the new value is the initial one with one bit toggled, or a new entry."""
     initial = {(frame, slot): value for frame, slot, value in entries}
@@ -346,7 +373,7 @@ def draw_edit(draw: st.DrawFn, pages: tuple[int, ...], entries: tuple[tuple[int,
     return UcPhysWrite(frame << 12 | slot * 8, value)
 
 
-def draw_steps(draw: st.DrawFn, pages: tuple[int, ...], entries: tuple[tuple[int, int, int], ...]) -> tuple[UcStep, ...]:
+def draw_steps(draw: st.DrawFn, pages: tuple[int, ...], entries: Entries) -> tuple[UcStep, ...]:
     """1..10 steps: accesses (6 in 10; a WRITE stores an entry-like value, so writes
     through a mapping of a table frame edit the tables), page-table edits (2 in 10),
     INVLPG and MOV CR3 (1 in 10 each)."""
@@ -402,8 +429,9 @@ class Deviation(enum.Enum):
     #: reserved-bit (29:13) and permission checks". SDM 4.8 sets A only in entries
     #: used for a translation; 4.5: an entry with a reserved bit set is not used.
     ACCESSED_1G_ON_FAULT = "1 GiB PDPTE accessed flag set on a fault"
-    #: KNOWN_QEMU_DEVIATIONS: "A page fault does not invalidate". SDM 4.10.4.1: a #PF
-    #: invalidates the TLB entries for the faulting page (current PCID).
+    #: KNOWN_QEMU_DEVIATIONS: "A page fault does not invalidate: a translation cached
+    #: for the page before the #PF (in any MMU mode) is still used afterwards". SDM
+    #: 4.10.4.1: a #PF invalidates the TLB entries for the faulting page (current PCID).
     FAULT_KEEPS_TLB_ENTRIES = "#PF does not invalidate the page's TLB entries"
 
 
@@ -463,6 +491,7 @@ class ModelState:
     history: tuple[str, ...] = ()
 
     def clone(self, factory: MmuFactory, tlb_drop: Callable[[TlbEntry], bool] = lambda e: False) -> ModelState:
+        """A deep copy (memory, registers, TLB without the entries ``tlb_drop`` names)."""
         mmu = factory(self.mmu.mem.copy(), self.mmu.state, copy_tlb(self.mmu.tlb, tlb_drop))
         return ModelState(mmu, self.legal, self.kept, self.history)
 
@@ -475,7 +504,10 @@ class ModelState:
         return (self.memory_key(), self.legal, self.kept, self.mmu.state.cr3)
 
 
-def as_uc_result(step: UcAccess, outcome: LoadResult | Translation | PageFault | GeneralProtection) -> UcResult:
+ModelOutcome = LoadResult | Translation | PageFault | GeneralProtection
+
+
+def as_uc_result(step: UcAccess, outcome: ModelOutcome) -> UcResult:
     """The model's outcome in the harness's terms."""
     if isinstance(outcome, PageFault):
         return UcResult("page_fault", 0, outcome.cr2, int(outcome.error_code))
@@ -492,7 +524,7 @@ def perform(state: ModelState, step: UcAccess) -> UcResult:
     mmu = state.mmu
     mmu.state = replace(mmu.state, cpl=step.cpl)
     before = set(mmu.tlb.entries())
-    outcome: LoadResult | Translation | PageFault | GeneralProtection
+    outcome: ModelOutcome
     if step.kind is UcAccessKind.READ:
         outcome = mmu.load(step.va, 8)
     elif step.kind is UcAccessKind.WRITE:
@@ -507,7 +539,8 @@ def perform(state: ModelState, step: UcAccess) -> UcResult:
         state.kept |= gone
     elif not isinstance(outcome, GeneralProtection):
         # A walk's translation is cached (SDM 4.10.2.1); a hit adds nothing new.
-        state.legal |= {(entry, step.cpl) for entry in set(mmu.tlb.entries()) - before if covers(entry, step.va)}
+        filled = set(mmu.tlb.entries()) - before
+        state.legal |= {(entry, step.cpl) for entry in filled if covers(entry, step.va)}
     return result
 
 
@@ -539,46 +572,59 @@ def qemu_1g_pdpte_accessed(mem: PhysicalMemory, cr3: int, nxe: bool, va: int) ->
 
 def candidates(state: ModelState, step: UcAccess, factory: MmuFactory, deviations: frozenset[Deviation],
                machine: UcMachine) -> tuple[Candidate, list[Candidate]]:
-    """The model's own outcome and the architecturally allowed ones (plus those of
-    the enabled QEMU deviations) for ``step`` from ``state``."""
+    """The model's own outcome, and the allowed ones: a fresh walk, a hit on each
+    legal translation that grants the access, and the outcomes of the enabled QEMU
+    deviations (marked with their :class:`Deviation`)."""
     own = state.clone(factory)
     own_result = perform(own, step)
-
-    allowed: list[Candidate] = []
     fresh = state.clone(factory, lambda e: covers(e, step.va))
-    allowed.append(Candidate(perform(fresh, step), fresh, "fresh walk"))
-    access = Access(ACCESS_KINDS[step.kind], step.cpl)
-    ctx = state.mmu.ctx
-    for entry in sorted({c[0] for c in state.legal if covers(c[0], step.va) and usable(c[0], access, ctx)}, key=repr):
-        allowed.append(_hit(state, step, entry, factory, f"TLB hit on legal {entry}"))
-
-    if Deviation.ACCESSED_1G_ON_FAULT in deviations and allowed[0].result.kind == "page_fault":
-        addr = qemu_1g_pdpte_accessed(fresh.mmu.mem, fresh.mmu.state.cr3, machine.efer_nxe, step.va)
-        if addr is not None and not fresh.mmu.mem.read_u64(addr) & A:
-            variant = fresh.clone(factory)
-            variant.mmu.mem.write_u64(addr, variant.mmu.mem.read_u64(addr) | A)
-            allowed.append(Candidate(allowed[0].result, variant, f"fresh walk + QEMU sets A in 1 GiB PDPTE at {addr:#x}",
-                                     Deviation.ACCESSED_1G_ON_FAULT))
+    allowed = [Candidate(perform(fresh, step), fresh, "fresh walk")]
+    allowed += [_hit(state, step, entry, factory) for entry in _usable(state.legal, step, state)]
+    if Deviation.ACCESSED_1G_ON_FAULT in deviations:
+        allowed += _accessed_1g_on_fault(allowed[0], step, factory, machine)
     if Deviation.FAULT_KEEPS_TLB_ENTRIES in deviations:
-        legal_entries = {c[0] for c in state.legal}
-        kept = {c[0] for c in state.kept if c[1] == step.cpl and covers(c[0], step.va) and usable(c[0], access, ctx)}
-        for entry in sorted(kept - legal_entries, key=repr):
-            allowed.append(_hit(state, step, entry, factory, f"TLB hit on {entry} that a #PF should have removed",
-                                Deviation.FAULT_KEEPS_TLB_ENTRIES))
+        legal = {cached[0] for cached in state.legal}
+        kept = {cached for cached in state.kept if cached[1] == step.cpl}  # QEMU: per MMU mode
+        allowed += [_hit(state, step, entry, factory, Deviation.FAULT_KEEPS_TLB_ENTRIES)
+                    for entry in _usable(frozenset(kept), step, state) if entry not in legal]
     return Candidate(own_result, own, "the model's own TLB"), allowed
 
 
-def _hit(state: ModelState, step: UcAccess, entry: TlbEntry, factory: MmuFactory, how: str,
+def _usable(cached: frozenset[Cached], step: UcAccess, state: ModelState) -> list[TlbEntry]:
+    """The translations for ``step``'s page that grant it (refmodel.arch.mmu.usable:
+    rights allow it, and a write needs a translation cached dirty, SDM 4.8)."""
+    access, ctx = Access(ACCESS_KINDS[step.kind], step.cpl), state.mmu.ctx
+    entries = {entry for entry, _ in cached if covers(entry, step.va) and usable(entry, access, ctx)}
+    return sorted(entries, key=repr)
+
+
+def _hit(state: ModelState, step: UcAccess, entry: TlbEntry, factory: MmuFactory,
          deviation: Deviation | None = None) -> Candidate:
-    """The outcome of ``step`` when the TLB holds exactly ``entry`` for its page: a
-    hit if the entry grants the access (refmodel.arch.mmu.usable), else a walk."""
-    st_ = state.clone(factory, lambda e: covers(e, step.va))
-    st_.mmu.tlb.fill(entry)
-    result = perform(st_, step)
+    """The outcome of ``step`` when the TLB holds exactly ``entry`` for its page."""
+    hit = state.clone(factory, lambda e: covers(e, step.va))
+    hit.mmu.tlb.fill(entry)
+    result = perform(hit, step)
+    how = f"TLB hit on {describe_translation(entry)}"
     if deviation is not None:
+        how += " that a #PF should have removed"
         # The model continues with a legal TLB: without the entry only QEMU kept.
-        st_.mmu.tlb = copy_tlb(st_.mmu.tlb, lambda e: e == entry)
-    return Candidate(result, st_, how, deviation)
+        hit.mmu.tlb = copy_tlb(hit.mmu.tlb, lambda e: e == entry)
+    return Candidate(result, hit, how, deviation)
+
+
+def _accessed_1g_on_fault(fresh: Candidate, step: UcAccess, factory: MmuFactory,
+                          machine: UcMachine) -> list[Candidate]:
+    """The fresh walk's #PF with the A flag QEMU sets in the 1 GiB PDPTE it reached."""
+    if fresh.result.kind != "page_fault":
+        return []
+    mem = fresh.state.mmu.mem
+    addr = qemu_1g_pdpte_accessed(mem, fresh.state.mmu.state.cr3, machine.efer_nxe, step.va)
+    if addr is None or mem.read_u64(addr) & A:
+        return []
+    variant = fresh.state.clone(factory)
+    variant.mmu.mem.write_u64(addr, mem.read_u64(addr) | A)
+    how = f"fresh walk, then QEMU's A in the 1 GiB PDPTE at {addr:#x}"
+    return [Candidate(fresh.result, variant, how, Deviation.ACCESSED_1G_ON_FAULT)]
 
 
 def apply_other(state: ModelState, step: UcPhysWrite | UcInvlpg | UcMovCr3) -> None:
@@ -638,38 +684,20 @@ def _merge(into: dict[tuple[object, ...], ModelState], state: ModelState) -> Non
 def compare(case: Case, runner: Runner, *, factory: MmuFactory = default_mmu,
             deviations: frozenset[Deviation] = ALL_DEVIATIONS) -> Divergence | None:
     """Run ``case`` on ``runner`` (unicorn) and follow it on the model; return the
-    first divergence, or None if unicorn did something the model allows."""
+    first divergence, or None if unicorn did only what the model allows."""
     memory = case.memory()
     run = runner(memory, case.machine, case.steps)
     states = [initial_state(case, memory, factory)]
     results = iter(run.results)
     for index, step in enumerate(case.steps):
-        if not isinstance(step, UcAccess):
+        if isinstance(step, UcAccess):
+            followed = follow_access(states, index, step, next(results), factory, deviations, case.machine)
+            if isinstance(followed, str):
+                return Divergence(case, f"step {index} ({describe_step(step)})", followed)
+            states = followed
+        else:
             for state in states:
                 apply_other(state, step)
-            continue
-        observed = next(results)
-        merged: dict[tuple[object, ...], ModelState] = {}
-        offered: list[str] = []
-        for state in states:
-            own, allowed = candidates(state, step, factory, deviations, case.machine)
-            architectural = [c for c in allowed if c.deviation is None]
-            twin = next((c for c in architectural
-                         if c.result == own.result and c.state.memory_key() == own.state.memory_key()), None)
-            if twin is None:
-                return Divergence(case, f"step {index} ({describe_step(step)})", _model_illegal(state, own, allowed))
-            own.state.legal, own.state.kept = twin.state.legal, twin.state.kept
-            for candidate in [replace(own, how=f"{own.how} ({twin.how})"), *allowed]:
-                offered.append(f"{candidate.how}: {candidate.result}")
-                if candidate.result == observed:
-                    candidate.state.history += (f"{index}: {candidate.how}",)
-                    _merge(merged, candidate.state)
-        if not merged:
-            return Divergence(case, f"step {index} ({describe_step(step)})",
-                              f"unicorn: {observed}\nthe model allows:\n  " + "\n  ".join(dict.fromkeys(offered)))
-        if len(merged) > MAX_STATES:
-            raise AssertionError(f"more than {MAX_STATES} model states after step {index}: case too ambiguous")
-        states = list(merged.values())
 
     written = set().union(*(set(s.mmu.mem.populated_frames()) for s in states)) - set(memory)
     if written:
@@ -684,11 +712,39 @@ def compare(case: Case, runner: Runner, *, factory: MmuFactory = default_mmu,
     return Divergence(case, "final memory", _memory_diff(run.memory, states))
 
 
+def follow_access(states: list[ModelState], index: int, step: UcAccess, observed: UcResult,
+                  factory: MmuFactory, deviations: frozenset[Deviation],
+                  machine: UcMachine) -> list[ModelState] | str:
+    """The states that continue from ``states`` through an access whose result unicorn
+    reported as ``observed``; or why there are none."""
+    merged: dict[tuple[object, ...], ModelState] = {}
+    offered: list[str] = []
+    for state in states:
+        own, allowed = candidates(state, step, factory, deviations, machine)
+        twin = next((c for c in allowed if c.deviation is None and c.result == own.result
+                     and c.state.memory_key() == own.state.memory_key()), None)
+        if twin is None:
+            return _model_illegal(state, own, allowed)
+        # The model's own state comes first: when it agrees, the model keeps its TLB.
+        own.state.legal, own.state.kept = twin.state.legal, twin.state.kept
+        for candidate in [replace(own, how=f"{own.how} (= {twin.how})"), *allowed]:
+            offered.append(f"{candidate.how}: {describe_result(candidate.result)}")
+            if candidate.result == observed:
+                candidate.state.history += (f"{index}: {candidate.how}",)
+                _merge(merged, candidate.state)
+    if not merged:
+        listing = "\n  ".join(dict.fromkeys(offered))
+        return f"unicorn: {describe_result(observed)}\nthe model allows:\n  {listing}"
+    if len(merged) > MAX_STATES:
+        raise AssertionError(f"more than {MAX_STATES} model states after step {index}: case too ambiguous")
+    return list(merged.values())
+
+
 def _model_illegal(state: ModelState, own: Candidate, allowed: list[Candidate]) -> str:
-    lines = [f"the model's own outcome {own.result} is not one the architecture allows",
-             f"  legal translations: {sorted(map(repr, state.legal))}",
-             f"  model TLB: {state.mmu.tlb.entries()}"]
-    lines += [f"  allowed: {c.how}: {c.result}" for c in allowed if c.deviation is None]
+    lines = [f"the model's own outcome {describe_result(own.result)} is not one the architecture allows",
+             f"  legal translations: {sorted({describe_translation(c[0]) for c in state.legal})}",
+             f"  model TLB: {[describe_translation(e) for e in state.mmu.tlb.entries()]}"]
+    lines += [f"  allowed: {c.how}: {describe_result(c.result)}" for c in allowed if c.deviation is None]
     return "\n".join(lines)
 
 
