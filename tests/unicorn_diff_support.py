@@ -283,8 +283,8 @@ _SLOT = st.sampled_from(SLOTS)
 _NON_CANONICAL = st.sampled_from(NON_CANONICAL)
 _ONE_IN_4 = st.integers(0, 3)
 _ONE_IN_16 = st.integers(0, 15)
-_N_PAGES = st.integers(1, 3)
-_N_STEPS = st.integers(1, 10)
+_N_PAGES = st.sampled_from((1, 2, 1, 2, 3))
+_N_STEPS = st.integers(1, 12)
 _STEP_KIND = st.integers(0, 9)
 _ACCESS_KIND = st.sampled_from(list(UcAccessKind))
 _OFFSET = st.sampled_from(OFFSETS)
@@ -292,7 +292,7 @@ _CPL = st.sampled_from((0, 3))
 _BOOL = st.booleans()
 _CR3_LOW = st.sampled_from((0, PWT, PCD))
 _ROOT = st.sampled_from((ROOT, ALT_ROOT))
-_EDIT_FLIP = st.sampled_from((P, RW, US, XD, PS, A, D, G, RSVD40, 0x3000))
+_EDIT_FLIP = st.sampled_from((0x3000, P, RW, US, XD, PS, A, D, G, RSVD40, 0x1000))
 
 _FRAME_LEVEL = {ROOT: EntryKind.PML4E, ALT_ROOT: EntryKind.PML4E}
 _FRAME_LEVEL.update({f: EntryKind.PDPTE for f in PDPT_FRAMES})
@@ -374,7 +374,7 @@ def draw_edit(draw: st.DrawFn, pages: tuple[int, ...], entries: Entries) -> UcPh
 
 
 def draw_steps(draw: st.DrawFn, pages: tuple[int, ...], entries: Entries) -> tuple[UcStep, ...]:
-    """1..10 steps: accesses (6 in 10; a WRITE stores an entry-like value, so writes
+    """1..12 steps: accesses (6 in 10; a WRITE stores an entry-like value, so writes
     through a mapping of a table frame edit the tables), page-table edits (2 in 10),
     INVLPG and MOV CR3 (1 in 10 each)."""
     out: list[UcStep] = []
