@@ -463,3 +463,30 @@ def test_two_domains_share_the_tlb_but_not_translations(tagged: bool, oos: bool)
                 step(k, pid)
 
         assert record(kernel) == native_record(alone)
+
+
+def test_moving_an_upper_level_mapping_flushes_but_an_l1_change_does_not() -> None:
+    """Xen set.c: a shadow L2-L4 entry replaced by one pointing elsewhere (or with
+    fewer rights) flushes the TLB; a shadow L1 change never does (the guest must)."""
+    backend = new_shadow(oos=False)
+    guest = HandGuest(backend)
+    old, new = guest.alloc(), guest.alloc()
+    backend.write_frame_u64(old, 0, 1)
+    backend.write_frame_u64(new, 0, 2)
+    guest.map(BUFFER_VA, old)
+    assert backend.access(BUFFER_VA, AccessKind.READ, 3) == 1
+    flushes = backend.counters[Event.TLB_FLUSH_VPID]
+    guest.map(BUFFER_VA, new)  # an L1 change: emulated, no flush, the TLB keeps the old page
+    assert backend.counters[Event.TLB_FLUSH_VPID] == flushes
+    assert backend.access(BUFFER_VA, AccessKind.READ, 3) == 1
+    other_l1 = guest.alloc()
+    backend.write_pte(other_l1, 0, Level.L1, (old << PAGE_SHIFT) | USER_RW | A)
+    guest.set(BUFFER_VA, Level.L2, (other_l1 << PAGE_SHIFT) | USER_RW | A)  # moves the whole 2 MiB
+    assert backend.counters[Event.TLB_FLUSH_VPID] == flushes + 1
+    assert backend.access(BUFFER_VA, AccessKind.READ, 3) == 1  # through the new L1 -> old again
+    assert_sound(backend)
+    backend.invlpg(BUFFER_VA)
+    guest.set(BUFFER_VA, Level.L2, 0)
+    assert backend.counters[Event.TLB_FLUSH_VPID] == flushes + 2
+    assert isinstance(backend.access(BUFFER_VA, AccessKind.READ, 3), PageFault)
+    assert_sound(backend)

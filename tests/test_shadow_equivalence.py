@@ -60,6 +60,21 @@ ops = st.one_of(
 first_map = st.builds(Op, st.just("map"), st.integers(585, 600), st.integers(10, 40), st.just(True), value=st.sampled_from([0, 1]))
 workloads = st.builds(lambda first, rest: [first, *rest], first_map, st.lists(ops, min_size=3, max_size=16))
 
+
+def whole_mappings(kernel: GuestKernel, pid: int, va: int, npages: int) -> tuple[int, int]:
+    """Widen an unmap to every mapping it overlaps. GuestKernel.unmap_range forgets
+    each overlapping VMA whole but clears only the requested pages, so a later
+    populating map_range could rewrite live PTEs without an INVLPG — a guest bug
+    whose outcome depends on what the TLB still holds (legal either way on hardware),
+    which no equivalence test can judge."""
+    end = va + npages * PAGE
+    for v in kernel.process(pid).vmas:
+        v_end = v.start + v.npages * PAGE
+        if v.start < end and va < v_end:
+            va, end = min(va, v.start), max(end, v_end)
+    return va, (end - va) // PAGE
+
+
 def apply(kernel: GuestKernel, op: Op) -> str:
     """Run one step; returns "ok" or the user error it raised (compared across modes)."""
     assert kernel.current is not None
@@ -70,7 +85,7 @@ def apply(kernel: GuestKernel, op: Op) -> str:
         if op.name == "map":
             kernel.map_range(pid, va, npages, writable=op.flag, populate=bool(op.value))
         elif op.name == "unmap":
-            kernel.unmap_range(pid, va, npages)
+            kernel.unmap_range(pid, *whole_mappings(kernel, pid, va, npages))
         elif op.name == "protect":
             kernel.protect(pid, va, npages, writable=op.flag)
         elif op.name == "remap":
