@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from .errors import RefmodelError
 
 #: Subcommand modules under refmodel.commands, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("bench", "check", "compare", "costs", "fixtures", "replay", "walk",)
+COMMANDS: tuple[str, ...] = ("bench", "check", "compare", "costs", "fixtures", "replay", "verify", "walk",)
 
 
 def build_parser() -> argparse.ArgumentParser:
