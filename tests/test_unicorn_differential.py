@@ -60,10 +60,10 @@ from unicorn_diff_support import (
     data_qword,
 )
 
-#: Cases per run: 2000 by default (about 20 s), more with REFMODEL_DIFF_CASES.
+#: Cases per run: 2000 by default (about 14 s of CPU), more with REFMODEL_DIFF_CASES.
 CASES = int(os.environ.get("REFMODEL_DIFF_CASES", "2000"))
 
-READ, WRITE, FETCH = UcAccessKind.READ, UcAccessKind.WRITE, UcAccessKind.FETCH
+READ, WRITE = UcAccessKind.READ, UcAccessKind.WRITE
 TABLE = P | RW | US
 DATA, OTHER = 9, 10  # data frames of the fixed cases (DATA_FRAMES)
 PT_ADDR = 7 << 12  # PTE of linear page 0 in the fixed tree
