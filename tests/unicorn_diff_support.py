@@ -246,7 +246,7 @@ class EntryKind(enum.Enum):
 #: Bits toggled away from "present, writable, user": a harmless set (A/D preset, G,
 #: PWT/PCD, ignored bits) ...
 _HARMLESS = (0, A, A | D, D, G, A | G, PWT, PCD | A, AVL9 | A | D, IGN52, IGN62 | A, PWT | PCD | G | A | D)
-#: ... and in about one entry in six a bit that changes the walk: not present,
+#: ... and in about one entry in five a bit that changes the walk: not present,
 #: read-only, supervisor, XD (reserved if EFER.NXE = 0), PS (reserved in a PML4E, a
 #: misaligned large page in a PDPTE/PDE, PAT in a PTE), bits above MAXPHYADDR; for
 #: a large leaf also its PAT bit (12, legal) and bit 13 (reserved: misaligned base).
