@@ -78,8 +78,8 @@ from .oos import OosPage, OosTable
 from .propagate import guest_entry_usable, shadow_leaf_entry, shadow_upper_entry
 from .tables import ShadowPage, ShadowTables
 
-#: A hidden fault is resolved in one round; a few more are allowed for an
-#: out-of-sync resync in between. More means the model is wrong.
+#: A hidden fault (or an unsync) is resolved in one round and the retry succeeds;
+#: needing more rounds than this means the model is wrong.
 MAX_FAULT_ROUNDS = 4
 _TABLE_FORMAT = f"<{ENTRIES_PER_TABLE}Q"
 #: The levels of a guest walk, in the order :func:`refmodel.arch.walk.walk` reads them.
