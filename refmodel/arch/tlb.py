@@ -14,7 +14,7 @@ clears PCIDE (everything), and a page fault (the faulting page, current PCID).
 """
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..account.events import Counters, Event
@@ -102,9 +102,10 @@ class Tlb:
         ways.append(entry)
 
     # -- invalidation --------------------------------------------------------------
-    def _drop(self, doomed: Callable[[TlbEntry], bool]) -> int:
+    def _drop(self, doomed: Callable[[TlbEntry], bool], sets: Iterable[int] | None = None) -> int:
+        """Remove the entries ``doomed`` selects, looking only in ``sets`` if given."""
         n = 0
-        for ways in self._sets:
+        for ways in self._sets if sets is None else (self._sets[i] for i in sets):
             keep = [e for e in ways if not doomed(e)]
             n += len(ways) - len(keep)
             ways[:] = keep
@@ -114,11 +115,14 @@ class Tlb:
         """INVLPG (SDM 4.10.4.1): entries for the page containing ``va`` of the
         current PCID, and global entries for that page whatever their PCID."""
         self.counters.add(Event.TLB_FLUSH_SINGLE)
+        # an entry for this page lives in the set its page number selects, per size
+        sets = {(va >> size.shift) % self.nsets for size in PageSize}
         return self._drop(
             lambda e: e.vpid == vpid
             and e.vpn == va >> e.size.shift
             and (e.pcid == pcid or (include_global and e.global_page))
-            and (include_global or not e.global_page)
+            and (include_global or not e.global_page),
+            sets,
         )
 
     def invalidate_pcid(self, vpid: int, pcid: int) -> int:
