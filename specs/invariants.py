@@ -317,7 +317,7 @@ def ss_core(s: State) -> list[Clause]:
       shadow-mode domain; the P2M maps that gfn, and its machine frame is marked a
       guest page table (write-protected);
     - only frames of (ordinary) shadow-mode domains are guest page tables;
-    - the hash finds only shadows of the (domain, gfn, level) it is keyed by;
+    - the hash finds only shadows, each of the (domain, gfn, level) it is keyed by;
     - every shadow entry is sound (:func:`shadow_l1_sound`, :func:`shadow_upper_sound`);
     - a shadow-mode vCPU runs on a top-level shadow of its own domain;
     - no writable TLB entry filled for a shadow-mode domain maps a guest page table."""
@@ -344,6 +344,7 @@ def ss_core(s: State) -> list[Clause]:
         lambda hk: z3.Implies(
             s.sh_hash[hk] != w.frame_val(0),
             z3.And(
+                s.sh_level[s.sh_hash[hk]] != _lvl(0),
                 s.sh_level[s.sh_hash[hk]] == z3.Extract(w.LEVEL_BITS - 1, 0, hk),
                 s.sh_back[s.sh_hash[hk]] == z3.Extract(w.FRAME_BITS + w.LEVEL_BITS - 1, w.LEVEL_BITS, hk),
                 s.sh_dom[s.sh_hash[hk]] == z3.Extract(w.DOM_BITS + w.FRAME_BITS + w.LEVEL_BITS - 1, w.FRAME_BITS + w.LEVEL_BITS, hk),

@@ -56,6 +56,12 @@ ShKeyS = z3.BitVecSort(DOM_BITS + FRAME_BITS + LEVEL_BITS)  #: domain ++ gfn ++ 
 #: A z3 expression. z3 ships no type stubs; this alias documents intent.
 Expr = Any
 
+#: MAXPHYADDR of the modelled machine (refmodel.hv.machine.Machine's default): entry
+#: bits 51:40 are reserved (SDM 4.5). Only the shadow code's propagation reads it
+#: (a guest entry with a reserved bit set is never shadowed).
+MAXPHYADDR = 40
+RESERVED_ADDR_BITS = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)
+
 # -- special values (xen/include/public/xen.h) ----------------------------------------------
 DOMID_FIRST_RESERVED = 0x7FF0
 DOMID_XEN = 0x7FF2
