@@ -57,7 +57,32 @@ class Vma:
     writable: bool
 
     def covers(self, va: int) -> bool:
-        return self.start <= va < self.start + self.npages * PAGE_SIZE
+        return self.start <= va < self.end
+
+    @property
+    def end(self) -> int:
+        return self.start + self.npages * PAGE_SIZE
+
+    def without(self, va: int, npages: int) -> list["Vma"]:
+        """What is left of this mapping after unmapping ``npages`` from ``va``: none,
+        one or two pieces (munmap may split a mapping, as Linux's do_vmi_munmap)."""
+        end = va + npages * PAGE_SIZE
+        if end <= self.start or va >= self.end:
+            return [self]
+        parts = []
+        if self.start < va:
+            parts.append(Vma(self.start, (va - self.start) // PAGE_SIZE, self.writable))
+        if end < self.end:
+            parts.append(Vma(end, (self.end - end) // PAGE_SIZE, self.writable))
+        return parts
+
+    def with_protection(self, va: int, npages: int, writable: bool) -> list["Vma"]:
+        """This mapping after mprotect of ``npages`` from ``va``: the overlap takes the
+        new protection, the rest keeps its own (mprotect may split, as Linux's)."""
+        lo, hi = max(self.start, va), min(self.end, va + npages * PAGE_SIZE)
+        if lo >= hi:
+            return [self]
+        return self.without(va, npages) + [Vma(lo, (hi - lo) // PAGE_SIZE, writable)]
 
 
 @dataclass
@@ -204,8 +229,7 @@ class GuestKernel:
         if self._is_current(proc):
             self._invalidate(pages)
         self.mmu.lazy_end()
-        end = va + npages * PAGE_SIZE
-        proc.vmas = [v for v in proc.vmas if v.start + v.npages * PAGE_SIZE <= va or v.start >= end]
+        proc.vmas = [part for v in proc.vmas for part in v.without(va, npages)]
 
     def protect(self, pid: int, va: int, npages: int, writable: bool) -> None:
         """mprotect: change R/W of every mapped page in the range, then invalidate."""
@@ -220,7 +244,9 @@ class GuestKernel:
         if self._is_current(proc):
             self._invalidate(pages)
         self.mmu.lazy_end()
-        proc.vmas = [Vma(v.start, v.npages, writable) if v.covers(va) else v for v in proc.vmas]
+        proc.vmas = sorted(
+            (part for v in proc.vmas for part in v.with_protection(va, npages, writable)), key=lambda v: v.start
+        )
 
     def remap(self, pid: int, va: int, npages: int) -> None:
         """Move every mapped page of the range to a new frame (as page migration
