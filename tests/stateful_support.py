@@ -22,21 +22,25 @@ Profiles
 
 import os
 import struct
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import hypothesis.strategies as st
 from hypothesis import settings
 
+import refmodel.hv.pv.hypercall as pv_hypercall
+import refmodel.hv.pv.multicall as pv_multicall
+from refmodel.account.events import Event
 from refmodel.arch.access import AccessKind
 from refmodel.arch.pte import Level, PteFlag
-from refmodel.arch.types import PAGE_SHIFT, PAGE_SIZE
-from refmodel.guest.kernel import GuestKernel, Observation
+from refmodel.arch.types import MFN, PAGE_SHIFT, PAGE_SIZE
+from refmodel.guest.kernel import GuestKernel, Observation, Process
 from refmodel.guest.ops import MmuBackend
 from refmodel.hv.hap import HapBackend, hap_isolated
-from refmodel.hv.machine import DOMID_XEN, Machine
+from refmodel.hv.machine import DOMID_SELF, DOMID_XEN, Machine
 from refmodel.hv.modes import ModeSpec, build_backend
-from refmodel.hv.pv import FrameTable, PvBackend, PvVcpu, frame_table_of
+from refmodel.hv.pv import BatchResult, FrameTable, MmuUpdate, PvBackend, PvVcpu, frame_table_of
 from refmodel.hv.pv.pagetype import guest_slots, is_guest_l4_slot
 from refmodel.hv.pv.pteflags import entry_mfn
 from refmodel.hv.shadow import ShadowBackend, shadow_sound
@@ -54,11 +58,12 @@ def profile_name() -> str:
 def machine_settings(examples: int, steps: int) -> settings:
     """Settings for one state machine: ``examples`` sequences of up to ``steps`` steps
     under the ``ci`` profile, scaled up under ``long``. ``STATEFUL_EXAMPLES`` and
-    ``STATEFUL_STEPS`` override both (the benchmark and bug hunts use them)."""
+    ``STATEFUL_STEPS`` override both (the benchmark and bug hunts use them). One bug
+    is reported at a time: shrinking several at once costs minutes."""
     scale_examples, scale_steps = PROFILE_SCALE.get(profile_name(), (1, 1))
     n = int(os.environ.get("STATEFUL_EXAMPLES", examples * scale_examples))
     k = int(os.environ.get("STATEFUL_STEPS", steps * scale_steps))
-    return settings(max_examples=n, stateful_step_count=k)
+    return settings(max_examples=n, stateful_step_count=k, report_multiple_bugs=False)
 
 
 # -- guest programs ------------------------------------------------------------------------------
@@ -125,7 +130,46 @@ class Touch:
     value: int = 0
 
 
-GuestOp = Map | Unmap | Protect | Remap | Fork | Switch | Touch
+@dataclass(frozen=True)
+class MapTable:
+    """A raw PTE write: the guest maps one of its own page tables (``table`` indexes
+    the current process's tables, root first) at a page of a region, for user mode —
+    read-only or writable. Natively its stores then edit its page tables directly;
+    a hypervisor must notice (shadow: write-protect and emulate). Not for PV guests,
+    which Xen never lets map a page table writable and whose tables hold MFNs."""
+
+    region: int
+    page: int
+    table: int
+    writable: bool
+
+
+GuestOp = Map | Unmap | Protect | Remap | Fork | Switch | Touch | MapTable
+
+#: Kernels that run self-mapping programs (see :func:`allow_self_mapping`).
+SELF_MAPPING: "weakref.WeakSet[GuestKernel]" = weakref.WeakSet()
+#: Entry bits a self-mapping guest's stores keep: no reserved bit, no large page.
+SAFE_ENTRY_FLAGS = int(PteFlag.P | PteFlag.RW | PteFlag.US | PteFlag.A | PteFlag.D | PteFlag.XD)
+
+
+def allow_self_mapping(kernel: GuestKernel) -> None:
+    """Let ``kernel`` run :class:`MapTable`. Call it before the program starts: every
+    value the kernel stores is then made a plausible entry — a frame it has
+    allocated, safe flags — because its stores may land in its page tables, and a
+    table naming memory the guest does not have is where modes legitimately part (a
+    HAP domain touching it is crashed). And, as a correct kernel must once a store
+    may have edited a page table, it flushes its TLB after each one: what a stale
+    entry shows is the TLB's choice, not the architecture's, and differs by mode.
+    Its native reference must run without PCIDs, whose switches keep entries a
+    store into another process's tables made stale."""
+    SELF_MAPPING.add(kernel)
+
+
+def stored_value(kernel: GuestKernel, value: int) -> int:
+    if kernel not in SELF_MAPPING:
+        return value
+    frame = (value >> PAGE_SHIFT) % kernel._next_frame
+    return (frame << PAGE_SHIFT) | (value & SAFE_ENTRY_FLAGS)
 
 
 def region_range(region: int, first: int, npages: int) -> tuple[int, int]:
@@ -134,8 +178,9 @@ def region_range(region: int, first: int, npages: int) -> tuple[int, int]:
     return REGIONS[region] + first * PAGE_SIZE, max(1, min(npages, REGION_PAGES - first))
 
 
-def guest_ops() -> st.SearchStrategy[GuestOp]:
-    """One guest operation; touches are the most frequent, as in real workloads."""
+def guest_ops(self_mapping: bool = False) -> st.SearchStrategy[GuestOp]:
+    """One guest operation; touches are the most frequent, as in real workloads.
+    ``self_mapping`` adds :class:`MapTable` (for kernels that allow it)."""
     region = st.integers(0, len(REGIONS) - 1)
     page = st.integers(0, REGION_PAGES - 1)
     count = st.integers(1, REGION_PAGES)
@@ -144,7 +189,7 @@ def guest_ops() -> st.SearchStrategy[GuestOp]:
         st.sampled_from((AccessKind.READ, AccessKind.WRITE, AccessKind.WRITE, AccessKind.FETCH)),
         st.integers(0, (1 << 64) - 1),
     )
-    return st.one_of(
+    ops: list[st.SearchStrategy[GuestOp]] = [
         st.builds(Map, region, page, count, st.booleans(), st.booleans()),
         touch,
         touch,
@@ -153,7 +198,10 @@ def guest_ops() -> st.SearchStrategy[GuestOp]:
         st.builds(Remap, region, page, count),
         st.just(Fork()),
         st.builds(Switch, st.integers(0, MAX_PROCESSES - 1)),
-    )
+    ]
+    if self_mapping:
+        ops.append(st.builds(MapTable, region, page, st.integers(0, 15), st.booleans()))
+    return st.one_of(ops)
 
 
 def frames_left(kernel: GuestKernel) -> int:
@@ -172,8 +220,12 @@ def apply_op(kernel: GuestKernel, op: GuestOp) -> bool:
         if frames_left(kernel) < 8:
             return False
         va = REGIONS[op.region] + op.page * PAGE_SIZE + op.offset
-        kernel.touch(va, op.kind, op.value)
+        kernel.touch(va, op.kind, stored_value(kernel, op.value))
+        if kernel in SELF_MAPPING and op.kind is AccessKind.WRITE:
+            kernel.mmu.flush_tlb()  # the store may have edited a page table
         return True
+    if isinstance(op, MapTable):
+        return map_table(kernel, proc, op)
     if frames_left(kernel) < FRAME_RESERVE:
         return False
     if isinstance(op, Fork):
@@ -192,6 +244,23 @@ def apply_op(kernel: GuestKernel, op: GuestOp) -> bool:
         kernel.protect(proc.pid, va, npages, op.writable)
     else:
         kernel.remap(proc.pid, va, npages)
+    return True
+
+
+def map_table(kernel: GuestKernel, proc: Process, op: MapTable) -> bool:
+    """The raw PTE write of :class:`MapTable`, with the INVLPG a kernel owes after it;
+    the page joins the process's mapped pages (so fork shares it, unmap clears it)."""
+    if kernel not in SELF_MAPPING or frames_left(kernel) < FRAME_RESERVE:
+        return False
+    va = REGIONS[op.region] + op.page * PAGE_SIZE
+    if va in proc.mapped:
+        return False
+    tables = [proc.root] + [t for _, t in sorted(proc.tables.items())]
+    table = tables[op.table % len(tables)]
+    flags = int(PteFlag.P | PteFlag.US | PteFlag.XD) | (int(PteFlag.RW) if op.writable else 0)
+    kernel._set_leaf(proc, va, kernel.entry(table, flags))
+    proc.mapped.add(va)
+    kernel.mmu.invlpg(va)
     return True
 
 
@@ -357,3 +426,67 @@ def tlb_problems(machine: Machine, owners: dict[int, int]) -> list[str]:
                 problems.append(f"TLB (vpid {e.vpid}, vpn {e.vpn:#x}) reaches mfn {mfn:#x} of {machine.owner_of(mfn)}, not domain {domid}")
                 break
     return problems
+
+
+# -- accounting of every PV batch ------------------------------------------------------------------
+MmuUpdateFn = Callable[[PvVcpu, Sequence[MmuUpdate], "int | None", int], BatchResult]
+#: The name both the hypercall entry points and the multicall dispatcher call.
+PATCHED = "do_mmu_update"
+
+
+class PvBatchMonitor:
+    """Watches every ``mmu_update`` batch Xen runs — the guest kernel's, multicall
+    entries and the test's own — while installed (between a machine's set-up and its
+    teardown), and checks its accounting the moment it returns:
+
+    - it read at least as many requests as it reports done, and no more than exist;
+    - if a completed request changed an L2..L4 table, the batch ended with a flush of
+      the domain's TLB ("flush_linear_pt", xen/arch/x86/mm.c ``do_mmu_update``): the
+      full-flush counter moved and no non-global entry of the vCPU's tag is left.
+
+    It wraps ``do_mmu_update`` where the hypercall entry points and the multicall
+    dispatcher look it up; :meth:`uninstall` puts the original back."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self._saved: tuple[MmuUpdateFn, MmuUpdateFn] | None = None
+
+    def install(self) -> None:
+        assert self._saved is None, "monitor installed twice"
+        self._saved = (getattr(pv_hypercall, PATCHED), getattr(pv_multicall, PATCHED))
+        original = self._saved[0]
+
+        def checked(v: PvVcpu, reqs: Sequence[MmuUpdate], count: int | None = None,
+                    foreigndom: int = DOMID_SELF) -> BatchResult:
+            return self._check(original, v, reqs, count, foreigndom)
+
+        setattr(pv_hypercall, PATCHED, checked)
+        setattr(pv_multicall, PATCHED, checked)
+
+    def uninstall(self) -> None:
+        if self._saved is not None:
+            setattr(pv_hypercall, PATCHED, self._saved[0])
+            setattr(pv_multicall, PATCHED, self._saved[1])
+            self._saved = None
+
+    def _check(self, original: MmuUpdateFn, v: PvVcpu, reqs: Sequence[MmuUpdate], count: int | None,
+               foreigndom: int) -> BatchResult:
+        ft, counters = v.frames, v.machine.counters
+        upper = [_is_upper_table(ft, r.maddr >> PAGE_SHIFT) for r in reqs]
+        flushes, entries = counters[Event.TLB_FLUSH_FULL], counters[Event.HYPERCALL_ENTRY]
+        result = original(v, reqs, count, foreigndom)
+        self.batches += 1
+        read = counters[Event.HYPERCALL_ENTRY] - entries
+        assert result.done <= read <= len(reqs), f"mmu_update read {read} entries, did {result.done} of {len(reqs)}"
+        if any(upper[: result.done]):
+            assert counters[Event.TLB_FLUSH_FULL] > flushes, (
+                f"domain {v.domain.domid}: a batch changed an L2..L4 entry and went without its flush"
+            )
+            stale = [e for e in v.machine.tlb.entries() if e.vpid == v.vpid and not e.global_page]
+            assert not stale, f"domain {v.domain.domid}: TLB entries survived the flush after an L2..L4 change"
+        return result
+
+
+def _is_upper_table(ft: FrameTable, mfn: int) -> bool:
+    page = ft.pages.get(MFN(mfn))
+    return page is not None and page.validated and page.type.level not in (None, Level.L1)

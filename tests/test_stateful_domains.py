@@ -4,7 +4,8 @@ physical CPU: the :class:`Scheduler` switches vCPUs as the rules pick a domain, 
 every domain shares the one physical TLB (VPID-tagged or not).
 
 Rules: guest-kernel operations on any domain (with a native twin running the same
-operations), register writes, explicit vCPU switches, and the hypervisor changing a
+operations; a fully virtualized guest may also map its own page tables into user
+space and store through them), register writes, explicit vCPU switches, and the hypervisor changing a
 HAP domain's EPT behind its back (narrowing or removing rights as log-dirty tracking
 does, moving a guest frame to another machine frame).
 
@@ -37,7 +38,18 @@ from refmodel.hv.native import NativeBackend
 from refmodel.hv.pv import PvBackend, frame_table_of
 from refmodel.hv.sched import Scheduler
 from refmodel.hv.shadow import ShadowBackend, shadow_sound
-from stateful_support import GUEST_FRAMES, GuestOp, apply_op, guest_ops, machine_settings, pv_problems, record_of, tlb_problems
+from stateful_support import (
+    GUEST_FRAMES,
+    GuestOp,
+    PvBatchMonitor,
+    allow_self_mapping,
+    apply_op,
+    guest_ops,
+    machine_settings,
+    pv_problems,
+    record_of,
+    tlb_problems,
+)
 
 HV_MODES = (Mode.SHADOW, Mode.SHADOW_OOS, Mode.PV, Mode.HAP)
 NR_DOMAINS = 3
@@ -66,16 +78,23 @@ class DomainsMachine(RuleBasedStateMachine):
         self.guests: list[Guest] = []
 
     @initialize(modes=st.lists(st.sampled_from(HV_MODES), min_size=NR_DOMAINS, max_size=NR_DOMAINS),
-                tagged=st.booleans(), batch_size=st.sampled_from((1, 4, 32)))
-    def boot(self, modes: list[Mode], tagged: bool, batch_size: int) -> None:
+                tagged=st.booleans(), batch_size=st.sampled_from((1, 4, 32)), self_mapping=st.booleans())
+    def boot(self, modes: list[Mode], tagged: bool, batch_size: int, self_mapping: bool) -> None:
+        """Three domains; with ``self_mapping`` the fully virtualized ones may map their
+        own page tables into user space (raw PTE writes, :class:`MapTable`)."""
         self.tagged = tagged
-        self.machine = Machine(nr_frames=4096, hypervisor_frames=1024)
+        self.monitor = PvBatchMonitor()
+        self.monitor.install()
+        self.machine = Machine(nr_frames=8192, hypervisor_frames=4096)
         self.sched = Scheduler(self.machine.tlb, self.machine.counters, tagged)
         for i, mode in enumerate(modes):
             domid = i + 1
             backend = build_backend(ModeSpec(mode, batch_size=batch_size, tagged=tagged), self.machine, domid, GUEST_FRAMES)
             guest = Guest(domid, backend, GuestKernel(backend, GUEST_FRAMES),
                           GuestKernel(NativeBackend(GUEST_FRAMES), GUEST_FRAMES), GUEST_FRAMES)
+            if self_mapping and mode is not Mode.PV:
+                allow_self_mapping(guest.kernel)
+                allow_self_mapping(guest.twin)
             self.sched.add(domid, backend)
             self.guests.append(guest)
         self.regs: list[tuple[tuple[int, ...], int]] = [((0,) * NUM_GPRS, 0) for _ in self.guests]
@@ -84,6 +103,11 @@ class DomainsMachine(RuleBasedStateMachine):
             self.run(i)
             guest.kernel.create_process()
             guest.twin.create_process()
+
+    def teardown(self) -> None:
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.uninstall()
 
     def run(self, d: int) -> Guest:
         """Put domain ``d``'s vCPU on the CPU; check what comes back with it."""
@@ -102,7 +126,7 @@ class DomainsMachine(RuleBasedStateMachine):
         return guest
 
     # -- rules -----------------------------------------------------------------------------------
-    @rule(d=st.integers(0, NR_DOMAINS - 1), op=guest_ops())
+    @rule(d=st.integers(0, NR_DOMAINS - 1), op=guest_ops(self_mapping=True))
     def guest_op(self, d: int, op: GuestOp) -> None:
         guest = self.run(d)
         applied = apply_op(guest.kernel, op)

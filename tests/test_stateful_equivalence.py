@@ -16,8 +16,18 @@ program for :func:`stateful_support.run_program` (docs/stateful.md).
 import hypothesis.strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from refmodel.hv.modes import standard_specs
-from stateful_support import GuestOp, GuestRun, backend_problems, guest_ops, machine_settings, record_of
+from refmodel.guest.ops import Mode
+from refmodel.hv.modes import ModeSpec, standard_specs
+from stateful_support import (
+    GuestOp,
+    GuestRun,
+    PvBatchMonitor,
+    allow_self_mapping,
+    backend_problems,
+    guest_ops,
+    machine_settings,
+    record_of,
+)
 
 
 class EquivalenceMachine(RuleBasedStateMachine):
@@ -27,12 +37,28 @@ class EquivalenceMachine(RuleBasedStateMachine):
         super().__init__()
         self.runs: list[GuestRun] = []
 
-    @initialize(batch_size=st.sampled_from((2, 5, 32)), tagged=st.booleans())
-    def boot(self, batch_size: int, tagged: bool) -> None:
-        """Native first: the reference every other mode is compared with."""
-        self.runs = [GuestRun(spec) for spec in standard_specs(batch_size=batch_size, tagged=tagged)]
+    @initialize(batch_size=st.sampled_from((2, 5, 32)), tagged=st.booleans(), self_mapping=st.booleans())
+    def boot(self, batch_size: int, tagged: bool, self_mapping: bool) -> None:
+        """Native first: the reference every other mode is compared with. A
+        self-mapping program (raw PTE writes mapping the guest's own page tables)
+        runs under the fully virtualized modes only: a PV guest cannot map a page
+        table writable, and its tables hold machine frame numbers."""
+        self.monitor = PvBatchMonitor()
+        self.monitor.install()
+        specs = standard_specs(batch_size=batch_size, tagged=tagged)
+        if self_mapping:
+            specs = [ModeSpec(Mode.NATIVE, tagged=False)] + [s for s in specs[1:] if s.mode is not Mode.PV]
+        self.runs = [GuestRun(spec) for spec in specs]
+        for run in self.runs:
+            if self_mapping:
+                allow_self_mapping(run.kernel)
 
-    @rule(op=guest_ops())
+    def teardown(self) -> None:
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.uninstall()
+
+    @rule(op=guest_ops(self_mapping=True))
     def step(self, op: GuestOp) -> None:
         applied = {run.spec.label: run.apply(op) for run in self.runs}
         assert len(set(applied.values())) == 1, f"modes disagree on whether {op} could run: {applied}"
