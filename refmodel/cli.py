@@ -35,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RefmodelError as err:
         print(f"refmodel {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     return code
 
 

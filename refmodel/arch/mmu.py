@@ -79,7 +79,7 @@ class Mmu:
         if isinstance(outcome, PageFault):
             # SDM 4.10.4.1: the #PF invalidates the entries for the faulting page that
             # the current PCID would use, a global one included.
-            self.tlb.invalidate_page(va, self.vpid, ctx.pcid, include_global=True)
+            self.tlb.invalidate_page(va, self.vpid, ctx.pcid, include_global=True, counted=False)
             self.state = _with_cr2(self.state, outcome.cr2)
             return outcome
         self.tlb.fill(self.tlb_entry(outcome, ctx.pcid))

@@ -111,10 +111,15 @@ class Tlb:
             ways[:] = keep
         return n
 
-    def invalidate_page(self, va: int, vpid: int, pcid: int, include_global: bool = True) -> int:
+    def invalidate_page(
+        self, va: int, vpid: int, pcid: int, include_global: bool = True, counted: bool = True
+    ) -> int:
         """INVLPG (SDM 4.10.4.1): entries for the page containing ``va`` of the
-        current PCID, and global entries for that page whatever their PCID."""
-        self.counters.add(Event.TLB_FLUSH_SINGLE)
+        current PCID, and global entries for that page whatever their PCID.
+        ``counted=False`` for the invalidation a #PF does as part of the fault, which
+        is not a flush anyone asked for."""
+        if counted:
+            self.counters.add(Event.TLB_FLUSH_SINGLE)
         # an entry for this page lives in the set its page number selects, per size
         sets = {(va >> size.shift) % self.nsets for size in PageSize}
         return self._drop(

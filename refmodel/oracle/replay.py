@@ -453,13 +453,15 @@ class RecordingTlb(Tlb):
         if self.mirror:
             self.cacheable.drop(doomed)
 
-    def invalidate_page(self, va: int, vpid: int, pcid: int, include_global: bool = True) -> int:
+    def invalidate_page(
+        self, va: int, vpid: int, pcid: int, include_global: bool = True, counted: bool = True
+    ) -> int:
         self._mirror(
             lambda e: e.vpid == vpid and entry_maps(e, va)
             and (e.pcid == pcid or (include_global and e.global_page))
             and (include_global or not e.global_page)
         )
-        return super().invalidate_page(va, vpid, pcid, include_global)
+        return super().invalidate_page(va, vpid, pcid, include_global, counted)
 
     def invalidate_pcid(self, vpid: int, pcid: int) -> int:
         self._mirror(lambda e: e.vpid == vpid and e.pcid == pcid and not e.global_page)
