@@ -37,7 +37,8 @@ from refmodel.arch.pte import Level, PteFlag
 from refmodel.arch.types import MFN, PAGE_SHIFT, PAGE_SIZE
 from refmodel.guest.kernel import GuestKernel, Observation, Process
 from refmodel.guest.ops import MmuBackend
-from refmodel.hv.hap import HapBackend, hap_isolated
+from refmodel.hv.hap import EptRights, HapBackend, hap_isolated
+from refmodel.hv.hap.mmu import CombinedTlbEntry
 from refmodel.hv.machine import DOMID_SELF, DOMID_XEN, Machine
 from refmodel.hv.modes import ModeSpec, build_backend
 from refmodel.hv.pv import BatchResult, FrameTable, MmuUpdate, PvBackend, PvVcpu, frame_table_of
@@ -490,3 +491,29 @@ class PvBatchMonitor:
 def _is_upper_table(ft: FrameTable, mfn: int) -> bool:
     page = ft.pages.get(MFN(mfn))
     return page is not None and page.validated and page.type.level not in (None, Level.L1)
+
+
+def hap_tlb_problems(backend: HapBackend) -> list[str]:
+    """The hypervisor's side of EPT changes: a combined TLB entry of the domain's
+    vCPU may only reach a machine frame its EPT still maps, with at least the EPT
+    rights the entry cached — after narrowing or moving a mapping Xen must INVEPT
+    (``ept_set_entry`` -> ``ept_sync_domain``; SDM Vol. 3C 29.4.3.1), or the guest
+    keeps writing a frame it lost, or writes a log-dirty page unseen."""
+    granted: dict[int, list[EptRights]] = {}
+    for m in backend.ept.mappings():
+        for i in range(m.frames):
+            granted.setdefault(int(m.mfn) + i, []).append(m.rights)
+    problems = []
+    for e in backend.machine.tlb.entries():
+        if e.vpid != backend.vpid or not isinstance(e, CombinedTlbEntry):
+            continue
+        mfn = e.frame >> PAGE_SHIFT
+        rights = granted.get(mfn, [])
+        if not any(_covers(r, e.ept) for r in rights):
+            problems.append(f"TLB (vpid {e.vpid}, vpn {e.vpn:#x}) keeps mfn {mfn:#x} with EPT rights {e.ept}; EPT grants {rights}")
+    return problems
+
+
+def _covers(have: EptRights, cached: EptRights) -> bool:
+    """``have`` grants every right ``cached`` does."""
+    return (have.read or not cached.read) and (have.write or not cached.write) and (have.execute or not cached.execute)

@@ -45,6 +45,7 @@ from stateful_support import (
     allow_self_mapping,
     apply_op,
     guest_ops,
+    hap_tlb_problems,
     machine_settings,
     pv_problems,
     record_of,
@@ -189,7 +190,7 @@ class DomainsMachine(RuleBasedStateMachine):
             if isinstance(g.backend, ShadowBackend) and self._checked_now(i):
                 problems += shadow_sound(g.backend)
             elif isinstance(g.backend, HapBackend) and self._checked_now(i):
-                problems += hap_isolated(g.backend)
+                problems += hap_isolated(g.backend) + hap_tlb_problems(g.backend)
         pv = [g.backend.vcpu for g in self.guests if isinstance(g.backend, PvBackend)]
         if pv:
             problems += pv_problems(frame_table_of(self.machine), pv)

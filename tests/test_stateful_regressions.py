@@ -1,0 +1,110 @@
+"""Shrunk sequences kept as regression tests (docs/stateful.md, "From a failure to a
+regression test").
+
+Each test is the sequence Hypothesis printed, pasted as it came (invariant checks
+included), or — for a guest program — the same steps as a program compared across
+modes (:func:`agree_with_native`, which also checks each mode's invariant after
+every operation). The docstring says what the
+sequence caught. So far every entry comes from the acceptance run of planted bugs:
+each is the minimal sequence that exposed one wrong rule, kept so that the rule stays
+pinned even on runs where the machines' random search goes elsewhere.
+"""
+
+from refmodel.arch.access import AccessKind
+from refmodel.guest.ops import Mode
+from refmodel.hv.modes import ModeSpec, standard_specs
+from stateful_support import Fork, GuestOp, GuestRun, Map, Protect, Remap, Touch, Unmap, backend_problems, record_of
+from test_stateful_domains import DomainsMachine
+from test_stateful_mmu import MmuMachine
+from test_stateful_pv import PvMachine
+
+
+def test_invlpg_drops_the_page() -> None:
+    """Planted bug: INVLPG a no-op (refmodel/arch/mmu.py ``Mmu.invlpg``). The entry
+    cached by the read must not survive the INVLPG of its page."""
+    state = MmuMachine()
+    state.access(cpl=0, kind=AccessKind.READ, offset=0, va=4194304, value=0, vpid=2)
+    state.invlpg(va=4194304, vpid=2)
+    state.tlb_holds_only_what_it_may()
+    state.hits_and_misses_count_accesses()
+
+
+def test_mov_cr3_flushes_the_pcid() -> None:
+    """Planted bug: MOV to CR3 without its invalidation (``Mmu._apply``)."""
+    state = MmuMachine()
+    state.access(cpl=0, kind=AccessKind.READ, offset=0, va=4194304, value=0, vpid=1)
+    state.mov_cr3(noflush=False, pcid=0, root=16, vpid=1)
+    state.tlb_holds_only_what_it_may()
+
+
+def test_a_foreign_frame_stops_a_batch() -> None:
+    """Planted bug: get_page_from_l1e without its ownership check
+    (refmodel/hv/pv/pagetype.py). Another domain's frame in the first request of a
+    batch must stop it with -EBUSY, nothing done."""
+    state = PvMachine()
+    state.boot(batch_sizes=(1, 1), tagged=False)
+    state.kernels_see_what_native_gives()
+    state.page_tables_intact_and_isolated()
+    state.registers_are_the_running_vcpus()
+    state.partial_batch(before=0, d=0, frame=0, slot=1)
+    state.page_tables_intact_and_isolated()
+    state.teardown()
+
+
+def test_a_switch_restores_rip() -> None:
+    """Planted bug: the scheduler kept the outgoing RIP (refmodel/hv/sched.py
+    ``Scheduler.switch_to``). Domain 1's vCPU left with RIP 0 and must come back
+    with it, not with domain 0's RIP 1."""
+    state = PvMachine()
+    state.boot(batch_sizes=(1, 1), tagged=False)
+    state.set_registers(d=0, reg=0, rip=1, value=0)
+    state.registers_are_the_running_vcpus()
+    state.unpin_spare(d=1)
+    state.registers_are_the_running_vcpus()
+    state.teardown()
+
+
+def test_untagged_switches_flush() -> None:
+    """Planted bug: no TLB flush on a vCPU switch without VPIDs. Booting three
+    untagged domains switches twice; each switch must flush."""
+    state = DomainsMachine()
+    state.boot(modes=[Mode.SHADOW, Mode.SHADOW_OOS, Mode.PV], batch_size=1, self_mapping=True, tagged=False)
+    state.untagged_switches_flush()
+    state.tlb_isolated_across_switches()
+    state.every_domain_isolated()
+    state.teardown()
+
+
+def agree_with_native(program: list[GuestOp], specs: list[ModeSpec]) -> None:
+    """Run ``program`` under every spec (native first), checking each mode's safety
+    invariant after every operation and the guest's record against native at the end."""
+    runs = [GuestRun(spec) for spec in specs]
+    for op in program:
+        for run in runs:
+            run.apply(op)
+            problems = backend_problems(run.backend)
+            assert not problems, f"{run.spec.label} after {op}: {problems[:3]}"
+    native = record_of(runs[0].kernel)
+    for run in runs[1:]:
+        record = record_of(run.kernel)
+        assert record.observations == native.observations, f"{run.spec.label}: observations differ"
+        assert record.page_tables == native.page_tables, f"{run.spec.label}: page tables differ"
+
+
+def test_shadow_propagates_emulated_writes() -> None:
+    """Planted bug: the shadow forgot to re-propagate an emulated page-table write
+    (refmodel/hv/shadow/backend.py ``_emulate_pt_write``): after fork, unmap and
+    remap, the shadow kept a mapping the guest had removed."""
+    program: list[GuestOp] = [
+        Unmap(0, 0, 1), Map(0, 0, 8, False, True), Map(0, 0, 1, False, False), Fork(),
+        Map(0, 0, 1, False, False), Unmap(0, 0, 1), Touch(0, 2, 0, AccessKind.READ, 0), Remap(0, 0, 6),
+    ]
+    agree_with_native(program, standard_specs(batch_size=2, tagged=False))
+
+
+def test_pv_rw_mapping_takes_a_writable_reference() -> None:
+    """Planted bug: get_page_from_l1e took no writable type reference for an RW
+    mapping: after a read-only protect and a new RW mapping the type counts were off
+    (found by the PV run's frame-table audit)."""
+    program: list[GuestOp] = [Map(0, 0, 1, False, False), Protect(0, 0, 1, False), Map(0, 1, 1, True, True)]
+    agree_with_native(program, standard_specs(batch_size=2, tagged=False))
