@@ -18,20 +18,28 @@ checked against it by differential tests (``tests/test_fast_*.py``).
   :meth:`refmodel.arch.tlb.Tlb.lookup` / :meth:`~refmodel.arch.tlb.Tlb.fill` calls
   (LRU included); its docstring says what is vectorized and why an interleaved
   lookup/fill stream is not.
+- :mod:`.ept` — :func:`translate_nested_batch` / :func:`translate_nested`: the
+  two-dimensional walk of a guest on EPT (SDM Vol. 3C 29.3) for N guest-linear
+  addresses: machine addresses, combined page sizes, guest #PF, EPT violation (with
+  its qualification) or misconfiguration, the guest and EPT references of every
+  walk (24 for a cold 4 + 4-level walk), and the guest A/D updates of N sequential
+  :func:`refmodel.hv.hap.nested.nested_walk` calls; :func:`ept_walk_batch` is the
+  one-dimensional EPT walk. Its docstring extends the order argument to two
+  dimensions and names the one order dependence EPT adds (an A/D update is an EPT
+  data write, refused for some paths to an entry and not for others); such
+  batches, and guest writes into EPT tables, run on the slow path, and say so.
+- :mod:`.mmu_update` — :func:`mmu_update_batch` / :func:`do_mmu_update_fast`: Xen's
+  ``mmu_update`` on a request list, equal to
+  :func:`refmodel.hv.pv.mmu_update.do_mmu_update` in (rc, done) and in every bit of
+  state it leaves. Checks no request can change (command, XSM, frame owners) are one
+  array pass over the list; runs of L1 updates are screened and applied as array
+  passes (first failing request found, prefix applied); L2-L4 updates and the few
+  other order-sensitive requests go through the slow path's ``mmu_update_one``.
 - :mod:`.bench` — the ``refmodel bench`` measurement (slow vs fast vs unicorn).
-
-TODO (issue 6, once :mod:`refmodel.hv` exists):
-
-- a batch EPT two-dimensional translation (guest walk whose every entry address
-  is itself translated through the EPT, SDM Vol. 3C 29.3) that also returns the
-  per-address reference counts (guest refs, EPT refs: up to 24 for 4+4 levels),
-  checked against the hypervisor's slow nested walk;
-- a batch ``mmu_update`` validation with Xen's semantics: requests are processed
-  in order and processing stops at the first failing request (the count done is
-  returned), so the batch must find the first error index and apply exactly the
-  prefix before it.
 """
 
+from .ept import NestedBatchResult, ept_walk_batch, nested_structure_frames, translate_nested, translate_nested_batch
+from .mmu_update import FastBatchResult, do_mmu_update_fast, mmu_update_batch
 from .snapshot import FrameSnapshot, paging_structure_frames
 from .tlb import BatchTlb, TlbFills, TlbLookups
 from .translate import (
@@ -51,12 +59,20 @@ __all__ = [
     "KIND_WRITE",
     "BatchResult",
     "BatchTlb",
+    "FastBatchResult",
     "FrameSnapshot",
+    "NestedBatchResult",
     "TlbFills",
     "TlbLookups",
     "denial_codes",
+    "do_mmu_update_fast",
+    "ept_walk_batch",
     "kind_codes",
+    "mmu_update_batch",
+    "nested_structure_frames",
     "paging_structure_frames",
     "translate",
     "translate_batch",
+    "translate_nested",
+    "translate_nested_batch",
 ]

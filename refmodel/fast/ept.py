@@ -146,6 +146,11 @@ class EptBatch:
     level: U8
     entry: U64
 
+    def gather(self, idx: Idx) -> "EptBatch":
+        """The outcomes of addresses ``idx``, in that order."""
+        return EptBatch(self.status[idx], self.refs[idx], self.mpa[idx], self.size[idx], self.rights[idx],
+                        self.level[idx], self.entry[idx])
+
 
 def ept_walk_batch(
     snap: FrameSnapshot,
@@ -411,25 +416,40 @@ def translate_nested_batch(
 
     lanes = np.flatnonzero(canonical)
     table = np.full(lanes.size, ctx.pml4_base, dtype=np.uint64)
+    parent: Idx | None = None  # per lane: the word of the entry that referenced its table
     final_lanes: list[Idx] = []
     final_gpa: list[U64] = []
     final_size: list[U64] = []
     for depth, level in enumerate((4, 3, 2, 1)):
         if not lanes.size:
             break
-        # 1. the entry's guest-physical address through EPT: a data read (29.3.3.2)
-        entry_gpa = table | (((va[lanes] >> np.uint64(PAGE_SHIFT + 9 * (level - 1))) & _SLOT) << np.uint64(3))
-        h = ept_walk_batch(snap, eptp, entry_gpa, KIND_READ, caps, ept_rows)
+        # 1. the entry's guest-physical address through EPT: a data read (29.3.3.2).
+        #    EPT sees only the page (bits 47:12), so each distinct table is walked
+        #    once — the guest's CR3, or the entry that referenced the table — and the
+        #    outcome given to every lane reading that table (refs counted per lane).
+        slot = (va[lanes] >> np.uint64(PAGE_SHIFT + 9 * (level - 1))) & _SLOT
+        entry_gpa = table | (slot << np.uint64(3))
+        if parent is None:
+            key = np.zeros(lanes.size, dtype=np.intp)
+            table_gpas = np.array([ctx.pml4_base], dtype=np.uint64)
+        else:
+            referencing = np.flatnonzero(np.bincount(parent, minlength=words.size))
+            key = np.searchsorted(referencing, parent)
+            table_gpas = words[referencing] & gmask
+        per_table = ept_walk_batch(snap, eptp, table_gpas, KIND_READ, caps, ept_rows)
+        table_row = snap.rows(per_table.mpa >> np.uint64(PAGE_SHIFT))
+        h = per_table.gather(key)
         out.ept_refs[lanes] += h.refs
         fail = h.status != 0
         out.ept_exit(lanes, h, fail, entry_gpa, KIND_READ, final=False)
         got = ~fail
-        lanes, entry_gpa, host, ept_w = lanes[got], entry_gpa[got], h.mpa[got], (h.rights[got] & np.uint8(_EPT_W)) != 0
+        lanes, entry_gpa, key, slot = lanes[got], entry_gpa[got], key[got], slot[got]
         entry_rights = h.rights[got]
+        ept_w = (entry_rights & np.uint8(_EPT_W)) != 0
         # 2. the guest entry, read from machine memory
         out.guest_refs[lanes] += 1
         out.entry_addrs[lanes, depth] = entry_gpa
-        flat = (snap.rows(host >> np.uint64(PAGE_SHIFT)) << 9) | ((host >> np.uint64(3)) & _SLOT).astype(np.intp)
+        flat = (table_row[key] << 9) | slot.astype(np.intp)
         e = words[flat]
         # 3. the guest's checks (SDM 4.5): present, reserved bits, leaf or table
         absent = (e & _P) == 0
@@ -489,7 +509,7 @@ def translate_nested_batch(
         final_lanes.append(ti)
         final_gpa.append((e[through] & gmask & ~(page - np.uint64(1))) | (va[ti] & (page - np.uint64(1))))
         final_size.append(np.full(ti.size, page, dtype=np.uint64))
-        lanes, table = lanes[cont], e[cont] & gmask
+        lanes, table, parent = lanes[cont], e[cont] & gmask, flat[cont]
 
     # 6. the final guest-physical address through EPT, for the access itself
     fl = _cat(final_lanes, np.intp)

@@ -347,8 +347,10 @@ def apply_run(v: PvVcpu, run: Run) -> None:
         mem.load_frame(frame, words.astype(LE_U64, copy=False).tobytes())
     _apply_type_references(ft, run)
     v.machine.m2p.update(zip((MFN(int(m)) for m in run.m2p_mfns.tolist()), (GFN(int(g)) for g in run.m2p_gfns.tolist())))
-    ft.stats[PvStat.FAST_PATH] += int(run.fast_path.sum())
-    ft.stats[PvStat.L1E_CHECKED] += int(run.checked.sum()) + (1 if run.error_checked else 0)
+    for stat, n in ((PvStat.FAST_PATH, int(run.fast_path.sum())),
+                    (PvStat.L1E_CHECKED, int(run.checked.sum()) + (1 if run.error_checked else 0))):
+        if n:
+            ft.stats[stat] += n
     v.machine.counters.add(Event.HYPERCALL_ENTRY, run.end - run.start + (1 if run.error else 0))
 
 
