@@ -46,9 +46,11 @@ What is vectorized, honestly:
    (``flush_for_type_change``: the flush clock moves, and later stamps with it).
    After each such request the screening resumes on the state it left.
 
-A run is screened over a window of requests that doubles while runs are long and
-shrinks after a slow-path request, so that a list of L2 updates costs little more
-than the slow path, and a list of L1 updates is screened in a few array passes.
+A run is screened over a window of requests: the whole list at first (up to
+65536 requests); after a slow-path request 64, doubling while runs fill it — so a
+list of L1 updates is one array pass, and a list of L2 updates costs little more
+than the slow path. An array pass has a fixed cost of a few hundred microseconds:
+below a few dozen requests the slow path is faster.
 The state is read once per distinct frame (Python dict lookups in the frame table),
 never once per request.
 """
@@ -139,7 +141,7 @@ def mmu_update_batch(
     first_static = int(bad[0]) if bad.size else limit
     counters = v.machine.counters
     rc, done, vectorized, sequential, upper_changed = 0, 0, 0, 0, False
-    i, window = 0, MIN_WINDOW
+    i, window = 0, MAX_WINDOW
     while i < first_static:
         run = screen_run(v, pg_owner, ptr, val, i, min(first_static, i + window))
         apply_run(v, run)
