@@ -20,10 +20,11 @@ on a miss, QEMU's own page walker (unicorn's ``UC_TLB_CPU`` mode):
   (these harness stubs end with INT3, which the harness's interrupt hook takes
   as "done");
 * :class:`UcAccess` FETCH -> ``jmp rbx``, stopping when the CPU is about to
-  execute at the target.  QEMU must translate the target page with an
-  instruction-fetch access before it can look up or translate code there, so
-  the fetch is permission-checked (§4.6), A flags are set (§4.8) and a fault is
-  reported, but no byte at the target is decoded or executed and memory is not
+  execute at the target.  With its translated blocks flushed first (else its
+  jump cache could serve a block at the target without any translation), QEMU
+  must translate the target page with an instruction-fetch access before it can
+  look up or translate code there, so the fetch is permission-checked (§4.6),
+  A flags are set (§4.8) and a fault is reported, but no byte at the target is decoded or executed and memory is not
   changed.  ``UcResult.value`` of a FETCH is always 0.  (Implementation detail:
   a page-aligned target ``va`` is jumped to at ``va + 1`` -- same page, hence
   same translation -- and reported with ``CR2 = va``; see
@@ -461,6 +462,10 @@ class _Uc:
 
     def flush_tlb(self) -> None:
         self._raw.ctl(_uc_mod.UC_CTL_TLB_FLUSH, _uc_mod.UC_CTL_IO_WRITE)
+
+    def flush_tb(self) -> None:
+        """Drop every translated block and the jump cache (not the TLB)."""
+        self._raw.ctl_flush_tb()
 
     def hook_interrupt(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(vector)`` on every exception / interrupt."""
@@ -958,6 +963,12 @@ class UnicornEngine:
         if kind is UcAccessKind.FETCH:
             target = access.va + 1 if access.va % PAGE_SIZE == 0 else access.va
             until = done = target
+            # QEMU finds a block translated at ``target`` by an earlier FETCH in its
+            # jump cache without translating the page, and a TLB flush of one MMU
+            # mode (INVLPG in a large page) or an eviction does not clear that
+            # cache: the jump would "succeed" with no permission check, and the
+            # post-run translation of ``until - 1`` would fault behind our back.
+            self._uc.flush_tb()
         else:
             page_va = _KCODE_VA if access.cpl == 0 else _UCODE_VA
             target, until = access.va, page_va + _UNREACHED
