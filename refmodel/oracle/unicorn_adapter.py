@@ -24,8 +24,9 @@ on a miss, QEMU's own page walker (unicorn's ``UC_TLB_CPU`` mode):
   jump cache could serve a block at the target without any translation), QEMU
   must translate the target page with an instruction-fetch access before it can
   look up or translate code there, so the fetch is permission-checked (§4.6),
-  A flags are set (§4.8) and a fault is reported, but no byte at the target is decoded or executed and memory is not
-  changed.  ``UcResult.value`` of a FETCH is always 0.  (Implementation detail:
+  A flags are set (§4.8) and a fault is reported, but no byte at the target is
+  decoded or executed and memory is not changed.  ``UcResult.value`` of a FETCH
+  is always 0.  (Implementation detail:
   a page-aligned target ``va`` is jumped to at ``va + 1`` -- same page, hence
   same translation -- and reported with ``CR2 = va``; see
   :meth:`UnicornEngine._access` for why.)
