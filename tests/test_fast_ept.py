@@ -21,7 +21,7 @@ The generator builds, in machine memory:
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -33,11 +33,13 @@ from refmodel.arch.builder import PageTableBuilder
 from refmodel.arch.control import Cr0, Cr4, Efer, Rflags
 from refmodel.arch.fault import GeneralProtection, PageFault
 from refmodel.arch.physmem import PhysicalMemory
-from refmodel.arch.pte import Level, PageSize, PteFlag
+from refmodel.arch.pte import Level, PteFlag
 from refmodel.arch.types import GFN, MFN, PAGE_SHIFT
 from refmodel.arch.walk import PagingContext, is_canonical
+from refmodel.cli import main
 from refmodel.errors import RefmodelError
 from refmodel.fast import FrameSnapshot, kind_codes
+from refmodel.fast.bench import addresses, build_nested_space, run_nested_bench, run_nested_fast, run_nested_slow
 from refmodel.fast.ept import (
     STATUS_EPT_MISCONFIG,
     STATUS_EPT_VIOLATION,
@@ -333,9 +335,13 @@ def test_ept_walk_batch_equals_ept_walk(case: Case, gpas: list[int], kinds: list
         o = ref.outcome
         if isinstance(o, EptTranslation):
             assert int(h.status[i]) == 0 and (int(h.mpa[i]), int(h.size[i])) == (o.mpa, o.size.value)
+        elif isinstance(o, EptViolation):
+            q = o.qualification
+            assert int(h.status[i]) == STATUS_EPT_VIOLATION, (i, o)
+            assert int(h.rights[i]) == (R if q.readable else 0) | (W if q.writable else 0) | (X if q.executable else 0)
         else:
-            want = STATUS_EPT_VIOLATION if o.__class__.__name__ == "EptViolation" else STATUS_EPT_MISCONFIG
-            assert int(h.status[i]) == want, (i, o)
+            assert int(h.status[i]) == STATUS_EPT_MISCONFIG, (i, o)
+            assert (int(h.level[i]), int(h.entry[i])) == (int(o.level), o.entry)
 
 
 # -- hand-written cases: a domain whose EPT Xen built from its P2M ------------------------------
@@ -491,7 +497,6 @@ def test_rejects_bad_shapes_and_handles_empty_batches() -> None:
     with pytest.raises(RefmodelError):
         translate_nested(mem, eptp, ctx, np.zeros(1, dtype=np.uint64), 5)
     with pytest.raises(RefmodelError):
-        from dataclasses import replace
         translate_nested(mem, eptp, replace(ctx, maxphyaddr=52), np.zeros(1, dtype=np.uint64))
     with pytest.raises(RefmodelError):
         ept_walk_batch(FrameSnapshot.take(mem), eptp, np.array([1 << 48], dtype=np.uint64))
@@ -506,3 +511,20 @@ def test_structure_frames_are_the_ept_and_guest_tables() -> None:
     assert {int(t) for t in space.ept.tables()} <= frames
     assert {int(dom.p2m[GFN(g)]) for g in space.table_gfns} <= frames
     assert not {int(dom.p2m[GFN(10 + i)]) for i in range(4)} & frames  # data pages are never read
+
+
+# -- the --ept bench runs and cross-checks its engines (tiny N; no timing is asserted) ----------
+
+
+def test_nested_bench_engines_agree_and_count_references() -> None:
+    space = build_nested_space()
+    vas = addresses(64, seed=4)
+    fast_pa, fast_refs = run_nested_fast(space, vas)
+    slow_pa, slow_refs = run_nested_slow(space, [int(v) for v in vas.tolist()])
+    assert [int(p) for p in fast_pa.tolist()] == slow_pa and fast_refs == slow_refs
+    assert 14 * 64 <= fast_refs <= 24 * 64  # 1 GiB .. 4 KiB guest pages on 4 KiB EPT leaves
+    lines: list[str] = []
+    rows = run_nested_bench([30, 60], slow_max_n=30, repeat=1, seed=2, out=lines.append)
+    assert [r.slow_extrapolated for r in rows] == [False, True]
+    assert "extrapolated" in "\n".join(lines)
+    assert main(["bench", "--sizes", "20", "--repeat", "1", "--no-unicorn", "--ept"]) == 0

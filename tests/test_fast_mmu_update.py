@@ -28,6 +28,8 @@ and the TLB's entries.
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -40,9 +42,6 @@ from refmodel.hv.pv import BatchResult, Errno, MmuCmd, MmuextCmd, MmuUpdate, Pag
 from refmodel.hv.pv.mmu_update import do_mmu_update
 from refmodel.hv.pv.pagetype import PageInfo
 from test_pv_support import DATA, L1, L2, L3, L4, TABLE, USER_RO, USER_RW, PvWorld
-
-import numpy as np
-import pytest
 
 L1B, L1C = 5, 6  #: a second L1 in use; an L1 pinned and unpinned (stamped)
 RELEASED = DATA + 20  #: mapped writable, then unmapped: writable, count 0

@@ -17,6 +17,13 @@ at CPL 0, starting from the same page tables with every A flag clear:
 
 unicorn is an optional dependency: without it the bench says so and reports the
 other two. Nothing here asserts a speed; the numbers are for the reader.
+
+With ``--ept`` a second table follows: the same guest page tables in
+guest-physical memory on an EPT (4 KiB leaves, RWX, write-back: Xen's RAM) and the
+same N addresses through the two-dimensional walk — slow =
+:func:`refmodel.hv.hap.nested.nested_walk` per address, fast =
+:func:`refmodel.fast.ept.translate_nested` — with the memory references per
+translation (24 for a 4 KiB guest page: 4 guest + 5 x 4 EPT).
 """
 
 import argparse
@@ -37,6 +44,11 @@ from ..arch.pte import PageSize, PteFlag
 from ..arch.types import PAGE_SIZE
 from ..arch.walk import PagingContext, Translation, is_canonical, walk
 from ..errors import RefmodelError
+from ..hv.hap.ept import RWX, Eptp, make_leaf
+from ..hv.hap.nested import CombinedTranslation, nested_walk
+from ..hv.hap.tables import Ept
+from ..hv.machine import Machine
+from .ept import translate_nested
 from .translate import translate
 
 MAXPHYADDR = 46
@@ -283,6 +295,117 @@ def slow_max_n_measured(rows: list[Row]) -> int:
     return max(r.n for r in rows if not r.slow_extrapolated)
 
 
+# -- the same guest on EPT: the 2-D walk ----------------------------------------------------
+
+#: The bench's EPT maps guest frame g to machine frame g + this (no data frame is
+#: ever read, so the machine frames need not exist; the guest tables are copied there).
+NESTED_MFN_OFFSET = 1 << 20
+
+
+@dataclass(frozen=True)
+class NestedSpace:
+    mem: PhysicalMemory
+    eptp: Eptp
+    ctx: PagingContext
+
+
+def build_nested_space() -> NestedSpace:
+    """The bench's page tables (without unicorn's mappings) as a guest's, in
+    guest-physical memory, on an EPT built by the hypervisor's table editor
+    (:class:`refmodel.hv.hap.tables.Ept`) with a 4 KiB leaf for every guest frame the
+    tables and the three regions use."""
+    guest = PhysicalMemory(MAXPHYADDR)
+    b = PageTableBuilder(guest, iter(TABLE_FRAMES))
+    flags = PteFlag.RW | PteFlag.US
+    gfns: set[int] = set()
+    for va, pa, size, count, span in REGIONS:
+        for i in range(count):
+            b.map(va + i * size.value, pa + i * size.value, flags, size)
+        gfns.update(range(pa // PAGE_SIZE, (pa + span) // PAGE_SIZE))
+    machine = Machine(nr_frames=2048, hypervisor_frames=1024, maxphyaddr=MAXPHYADDR)
+    ept = Ept(machine)
+    tables = list(guest.populated_frames())
+    for gfn in sorted(gfns | set(tables)):
+        ept.write_leaf(gfn, make_leaf(gfn + NESTED_MFN_OFFSET, RWX))
+    for gfn in tables:
+        machine.mem.load_frame(gfn + NESTED_MFN_OFFSET, guest.frame_bytes(gfn))
+    return NestedSpace(machine.mem, ept.eptp, PagingContext(cr3=b.cr3, maxphyaddr=MAXPHYADDR))
+
+
+def run_nested_slow(space: NestedSpace, vas: list[int]) -> tuple[list[int], int]:
+    """Machine addresses and total references of N sequential 2-D walks."""
+    mem = space.mem.copy()
+    access = Access(AccessKind.READ, 0)
+    out: list[int] = []
+    refs = 0
+    for va in vas:
+        if not is_canonical(va):
+            raise RefmodelError(f"bench address {va:#x} is not canonical")
+        r = nested_walk(mem, space.eptp, space.ctx, va, access)
+        if not isinstance(r.outcome, CombinedTranslation):
+            raise RefmodelError(f"bench address {va:#x} did not translate in the slow 2-D walk: {r.outcome}")
+        out.append(r.outcome.pa)
+        refs += r.refs
+    return out, refs
+
+
+def run_nested_fast(space: NestedSpace, vas: NDArray[np.uint64]) -> tuple[NDArray[np.uint64], int]:
+    mem = space.mem.copy()
+    r = translate_nested(mem, space.eptp, space.ctx, vas, AccessKind.READ, 0)
+    if not bool(r.ok.all()) or r.sequential:
+        raise RefmodelError("a bench address did not translate in the fast 2-D walk")
+    return r.mpa, int(r.refs.sum())
+
+
+@dataclass
+class NestedRow:
+    n: int
+    slow_s: float
+    slow_extrapolated: bool
+    fast_s: float
+    refs_per_translation: float
+
+
+def run_nested_bench(
+    sizes: Sequence[int], slow_max_n: int, repeat: int, seed: int, out: Callable[[str], None]
+) -> list[NestedRow]:
+    """The ``--ept`` table: slow and fast 2-D walks of the same addresses."""
+    if not sizes or min(sizes) <= 0:
+        raise RefmodelError("bench sizes must be positive")
+    space = build_nested_space()
+    out(f"refmodel bench --ept: 2-D translation (guest tables on EPT, 4 KiB EPT leaves) of the same addresses, seed {seed}")
+    out("  slow = is_canonical + hv.hap.nested.nested_walk per address; fast = fast.translate_nested "
+        "(snapshot + batch + guest A/D write-back)")
+    out(f"  timings: best of {repeat} for fast; slow best of {repeat} below N=10000, else one run")
+    out("")
+    out(f"{'N':>9} {'slow tr/s':>14} {'fast tr/s':>14} {'fast/slow':>10} {'refs/tr':>8}")
+    rows: list[NestedRow] = []
+    slow_per_addr: float | None = None
+    for n in sizes:
+        vas = addresses(n, seed)
+        fast_pa, fast_refs = run_nested_fast(space, vas)
+        if n <= slow_max_n:
+            vas_list = [int(v) for v in vas.tolist()]
+            slow_s, (slow_pa, slow_refs) = best_of(repeat if n < 10_000 else 1, lambda: run_nested_slow(space, vas_list))
+            if slow_pa != [int(p) for p in fast_pa.tolist()] or slow_refs != fast_refs:
+                raise RefmodelError(f"N={n}: the fast 2-D walk disagrees with the slow one")
+            slow_per_addr, extrapolated = slow_s / n, False
+        else:
+            if slow_per_addr is None:
+                raise RefmodelError("--ept-slow-max-n is below the smallest N: nothing to extrapolate from")
+            slow_s, extrapolated = slow_per_addr * n, True
+        fast_s, _ = best_of(repeat, lambda: run_nested_fast(space, vas))
+        row = NestedRow(n, slow_s, extrapolated, fast_s, fast_refs / n)
+        rows.append(row)
+        out(f"{n:>9} {_fmt_rate(n / slow_s, '*' if extrapolated else ''):>14} {_fmt_rate(n / fast_s):>14} "
+            f"{_fmt_ratio(slow_s, fast_s):>10} {row.refs_per_translation:>8.1f}")
+    if any(r.slow_extrapolated for r in rows):
+        out(f"  * slow 2-D walk NOT measured at this N: extrapolated linearly (--ept-slow-max-n {slow_max_n})")
+    out("  refs/tr = guest + EPT memory references per translation; slow and fast results and reference counts "
+        "were checked equal where measured")
+    return rows
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default=",".join(str(n) for n in DEFAULT_SIZES),
                    help="comma-separated batch sizes N (default: 1000,10000,100000,1000000)")
@@ -293,6 +416,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--require-ratio", type=float, default=None,
                    help="exit 1 unless fast/slow at the largest N is at least this (acceptance: 100)")
+    p.add_argument("--ept", action="store_true",
+                   help="also measure the 2-D translation (guest tables on EPT): nested_walk vs fast.translate_nested")
+    p.add_argument("--ept-slow-max-n", type=int, default=10**5,
+                   help="with --ept: measure the slow 2-D walk up to this N, extrapolate beyond (default 100000)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -303,6 +430,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         raise RefmodelError("--repeat must be at least 1")
     rows = run_bench(sizes, args.slow_max_n, not args.no_unicorn, args.repeat, args.seed, print)
+    if args.ept:
+        print("")
+        run_nested_bench(sizes, args.ept_slow_max_n, args.repeat, args.seed, print)
     if args.require_ratio is not None:
         last = rows[-1]
         ratio = last.slow_s / last.fast_s
