@@ -312,7 +312,7 @@ def pv_mmu_update_plain(s: State, a: dict[str, Expr]) -> Step:
     table, index, value = a["table"], a["index"], a["value"]
     ok = z3.And(_mmu_update_guard(s, a), z3.Not(s.validated[table]))
     post, choice = with_types(s, a, z3.Store(s.mem, w.key(table, index), value))
-    return Step(ok=ok, post=post, choice=z3.And(choice, a["wr"][table]))
+    return Step(ok=ok, post=post, choice=z3.And(choice, z3.Or(s.ptype[table] == WRITABLE_T, a["wr"][table])))
 
 
 def pv_mmu_update_l1(s: State, a: dict[str, Expr]) -> Step:

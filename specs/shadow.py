@@ -26,6 +26,8 @@ shadowed (a PS entry at L2 is a leaf, at L3 and L4 reserved: no shadow entry).
 Out-of-sync L1 tables (``oos.c``) are not modelled.
 """
 
+from collections.abc import Callable
+
 import z3
 
 from . import words as w
@@ -95,6 +97,14 @@ def shadow_emulate_write(s: State, a: dict[str, Expr]) -> Step:
     guest page table), so the store faults; Xen emulates it on the guest frame and
     re-propagates the new entry into the same index of every shadow of that frame.
     Xen may flush TLBs as well (``keep``)."""
+    return emulate_write(s, a, propagate_l1)
+
+
+LeafRule = Callable[[State, Expr, Expr], Expr]
+
+
+def emulate_write(s: State, a: dict[str, Expr], leaf: LeafRule) -> Step:
+    """:func:`shadow_emulate_write` with the leaf propagation rule ``leaf``."""
     dom = s.cur_dom
     gfn, index, value, keep = a["gfn"], a["index"], a["value"], a["keep"]
     pe = s.p2m_entry(dom, gfn)
@@ -104,7 +114,8 @@ def shadow_emulate_write(s: State, a: dict[str, Expr]) -> Step:
 
     def new_word(k: Expr) -> Expr:
         f = w.key_frame(k)
-        fresh = propagate(s, dom, value, s.sh_level[f])
+        level = s.sh_level[f]
+        fresh = z3.If(level == 1, leaf(s, dom, value), propagate_upper(s, dom, value, level))
         return z3.If(z3.And(shadows_of(s, dom, mfn, f), w.key_index(k) == index), fresh, mem1[k])
 
     return Step(ok=ok, post=with_fields(s, mem=w.lam(w.KeyS, "ek", new_word), tlb_valid=_keep_tlb(s, keep)))

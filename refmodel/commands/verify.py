@@ -24,6 +24,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p = sub.add_parser("verify", help="prove the isolation invariants (Z3) for every transition")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="prover processes (default: 2)")
     p.add_argument("--transition", action="append", default=[], help="only this transition (repeatable)")
+    p.add_argument("--negative", action="store_true", help="also run the negative controls (broken transitions)")
     p.set_defaults(func=run)
 
 
@@ -68,4 +69,13 @@ def run(args: argparse.Namespace) -> int:
         f"{'all proved' if not failed else f'{len(failed)} NOT PROVED'} in {report.seconds:.1f}s wall "
         f"on {report.workers} worker{'s' if report.workers > 1 else ''} ({cpu:.1f}s CPU summed over the proofs)"
     )
-    return 0 if not failed else 1
+    code = 0 if not failed else 1
+    if args.negative:
+        from specs import negative
+
+        print()
+        results = negative.run_all()
+        negative.print_table(results)
+        if not all(r.found and r.correct_refuted for r in results):
+            code = 1
+    return code
