@@ -25,6 +25,21 @@ And the TLB: when a frame changes type Xen flushes any TLB that may still hold a
 writable mapping of it (``_get_page_type``'s ``tlbflush_filter``); the spec asks
 only that no writable TLB entry maps a frame of N afterwards (``keep``).
 
+Xen's hypercalls run as consecutive steps, each leaving the invariants true (other
+CPUs may look at any point), and the spec has one transition per step:
+
+- ``mmu_update`` of an L2..L4 entry = :func:`pv_get_type` (the new entry's type
+  reference, validating) ; :func:`pv_mmu_update_upper` (the store) ;
+  :func:`pv_put_type` (the old entry's reference dropped, de-validating);
+- ``mmu_update`` of an L1 entry = :func:`pv_mmu_update_l1`; of an untyped frame =
+  :func:`pv_mmu_update_plain`;
+- ``MMUEXT_PIN_Lx_TABLE`` = :func:`pv_get_type` ; :func:`pv_pin`;
+  ``MMUEXT_UNPIN_TABLE`` = :func:`pv_unpin` ; :func:`pv_put_type`;
+  ``MMUEXT_NEW_BASEPTR`` = :func:`pv_get_type` ; :func:`pv_new_baseptr` ;
+  :func:`pv_put_type`;
+- ``MMUEXT_TLB_FLUSH_LOCAL``, ``MMUEXT_INVLPG_LOCAL`` and ``update_va_mapping``
+  (finding the L1, ``mod_l1_entry``, then the flush asked for) are one step each.
+
 Not modelled: privileged (foreign) data owners, MMU_PT_UPDATE_PRESERVE_AD (it
 changes only A/D bits), MMU_MACHPHYS_UPDATE (the M2P plays no part in isolation),
 the vCPU-bitmap flush scopes (a PV vCPU here is its domain's only vCPU), and the
