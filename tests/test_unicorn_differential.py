@@ -60,7 +60,7 @@ from unicorn_diff_support import (
     data_qword,
 )
 
-#: Cases per run: 2000 by default (about 14 s of CPU), more with REFMODEL_DIFF_CASES.
+#: Cases per run: 2000 by default (about 13 s of CPU), more with REFMODEL_DIFF_CASES.
 CASES = int(os.environ.get("REFMODEL_DIFF_CASES", "2000"))
 
 READ, WRITE = UcAccessKind.READ, UcAccessKind.WRITE
