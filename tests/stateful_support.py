@@ -27,15 +27,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import hypothesis.strategies as st
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 import refmodel.hv.pv.hypercall as pv_hypercall
 import refmodel.hv.pv.multicall as pv_multicall
 from refmodel.account.events import Event
-from refmodel.arch.access import AccessKind
+from refmodel.arch.access import Access, AccessKind
 from refmodel.arch.pte import Level, PteFlag
+from refmodel.arch.tlb import Tlb
 from refmodel.arch.types import MFN, PAGE_SHIFT, PAGE_SIZE
-from refmodel.guest.kernel import GuestKernel, Observation, Process
+from refmodel.arch.walk import EntryMemory, PagingContext, Rights, Translation, walk
+from refmodel.guest.kernel import GuestKernel, Observation, Process, Vma
 from refmodel.guest.ops import MmuBackend
 from refmodel.hv.hap import EptRights, HapBackend, hap_isolated
 from refmodel.hv.hap.mmu import CombinedTlbEntry
@@ -44,7 +46,9 @@ from refmodel.hv.modes import ModeSpec, build_backend
 from refmodel.hv.pv import BatchResult, FrameTable, MmuUpdate, PvBackend, PvVcpu, frame_table_of
 from refmodel.hv.pv.pagetype import guest_slots, is_guest_l4_slot
 from refmodel.hv.pv.pteflags import entry_mfn
+from refmodel.hv.native import NativeBackend
 from refmodel.hv.shadow import ShadowBackend, shadow_sound
+from refmodel.hv.shadow.guest import GuestPhysMemory, hardware_state
 
 # -- profiles -----------------------------------------------------------------------------------
 
@@ -64,16 +68,19 @@ def machine_settings(examples: int, steps: int) -> settings:
     scale_examples, scale_steps = PROFILE_SCALE.get(profile_name(), (1, 1))
     n = int(os.environ.get("STATEFUL_EXAMPLES", examples * scale_examples))
     k = int(os.environ.get("STATEFUL_STEPS", steps * scale_steps))
-    return settings(max_examples=n, stateful_step_count=k, report_multiple_bugs=False)
+    return settings(
+        max_examples=n, stateful_step_count=k, report_multiple_bugs=False,
+        deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow],
+    )
 
 
 # -- guest programs ------------------------------------------------------------------------------
 
-#: Where programs map memory: 8 pages each, placed to share and to cross table
+#: Where programs map memory: 4 pages each, placed to share and to cross table
 #: boundaries (the second crosses a 2 MiB boundary, the third a 1 GiB one, the
-#: fourth sits in another 512 GiB slot).
-REGIONS = (0x0000_0000_0040_0000, 0x0000_0000_005F_C000, 0x0000_0000_7FFF_C000, 0x0000_6000_0000_0000)
-REGION_PAGES = 8
+#: fourth sits in another 512 GiB slot). Few pages, so that operations meet.
+REGIONS = (0x0000_0000_0040_0000, 0x0000_0000_005F_E000, 0x0000_0000_7FFF_E000, 0x0000_6000_0000_0000)
+REGION_PAGES = 4
 #: Guest frames of every domain the stateful tests build (small: fast to create).
 GUEST_FRAMES = 256
 #: An operation that may allocate runs only if this many guest frames are left.
@@ -179,30 +186,37 @@ def region_range(region: int, first: int, npages: int) -> tuple[int, int]:
     return REGIONS[region] + first * PAGE_SIZE, max(1, min(npages, REGION_PAGES - first))
 
 
+#: How often each kind of guest operation is drawn, in parts. Touches dominate, as in
+#: real workloads, so that maps, writes, unmaps and reads meet on the same pages;
+#: switches and forks (a CR3 load resynchronises and flushes everything) are rarer.
+OP_WEIGHTS = {"touch": 8, "map": 3, "unmap": 2, "protect": 2, "remap": 2, "fork": 1, "switch": 1, "map_table": 2}
+
+
 def guest_ops(self_mapping: bool = False) -> st.SearchStrategy[GuestOp]:
-    """One guest operation; touches are the most frequent, as in real workloads.
-    ``self_mapping`` adds :class:`MapTable` (for kernels that allow it)."""
-    region = st.integers(0, len(REGIONS) - 1)
+    """One guest operation, drawn by :data:`OP_WEIGHTS`. ``self_mapping`` adds
+    :class:`MapTable` (for kernels that allow it)."""
+    # Half the operations land in the first region.
+    region = st.sampled_from((0, 0, 0, 1, 2, 3))
     page = st.integers(0, REGION_PAGES - 1)
     count = st.integers(1, REGION_PAGES)
-    touch = st.builds(
-        Touch, region, page, st.sampled_from((0, 8, PAGE_SIZE - 8)),
-        st.sampled_from((AccessKind.READ, AccessKind.WRITE, AccessKind.WRITE, AccessKind.FETCH)),
-        st.integers(0, (1 << 64) - 1),
-    )
-    ops: list[st.SearchStrategy[GuestOp]] = [
-        st.builds(Map, region, page, count, st.booleans(), st.booleans()),
-        touch,
-        touch,
-        st.builds(Unmap, region, page, count),
-        st.builds(Protect, region, page, count, st.booleans()),
-        st.builds(Remap, region, page, count),
-        st.just(Fork()),
-        st.builds(Switch, st.integers(0, MAX_PROCESSES - 1)),
-    ]
-    if self_mapping:
-        ops.append(st.builds(MapTable, region, page, st.integers(0, 15), st.booleans()))
-    return st.one_of(ops)
+    kinds: dict[str, st.SearchStrategy[GuestOp]] = {
+        "touch": st.builds(
+            Touch, region, page, st.sampled_from((0, 8, PAGE_SIZE - 8)),
+            st.sampled_from((AccessKind.READ, AccessKind.WRITE, AccessKind.WRITE, AccessKind.FETCH)),
+            st.integers(0, (1 << 64) - 1),
+        ),
+        "map": st.builds(Map, region, page, count, st.booleans(), st.booleans()),
+        "unmap": st.builds(Unmap, region, page, count),
+        "protect": st.builds(Protect, region, page, count, st.booleans()),
+        "remap": st.builds(Remap, region, page, count),
+        "fork": st.just(Fork()),
+        "switch": st.builds(Switch, st.integers(0, MAX_PROCESSES - 1)),
+        "map_table": st.builds(MapTable, region, page, st.integers(0, 15), st.booleans()),
+    }
+    if not self_mapping:
+        del kinds["map_table"]
+    weighted = [name for name in kinds for _ in range(OP_WEIGHTS[name])]
+    return st.sampled_from(weighted).flatmap(lambda name: kinds[name])
 
 
 def frames_left(kernel: GuestKernel) -> int:
@@ -249,17 +263,19 @@ def apply_op(kernel: GuestKernel, op: GuestOp) -> bool:
 
 
 def map_table(kernel: GuestKernel, proc: Process, op: MapTable) -> bool:
-    """The raw PTE write of :class:`MapTable`, with the INVLPG a kernel owes after it;
-    the page joins the process's mapped pages (so fork shares it, unmap clears it)."""
+    """The raw PTE write of :class:`MapTable` into a page no mapping covers, with the
+    INVLPG a kernel owes after it; the page becomes a one-page mapping of the process
+    (so a later mmap cannot silently replace it, fork shares it, munmap clears it)."""
     if kernel not in SELF_MAPPING or frames_left(kernel) < FRAME_RESERVE:
         return False
     va = REGIONS[op.region] + op.page * PAGE_SIZE
-    if va in proc.mapped:
+    if proc.vma_for(va) is not None or va in proc.mapped:
         return False
     tables = [proc.root] + [t for _, t in sorted(proc.tables.items())]
     table = tables[op.table % len(tables)]
     flags = int(PteFlag.P | PteFlag.US | PteFlag.XD) | (int(PteFlag.RW) if op.writable else 0)
     kernel._set_leaf(proc, va, kernel.entry(table, flags))
+    proc.vmas.append(Vma(va, 1, op.writable))
     proc.mapped.add(va)
     kernel.mmu.invlpg(va)
     return True
@@ -307,7 +323,7 @@ def backend_problems(backend: MmuBackend) -> list[str]:
     if isinstance(backend, ShadowBackend):
         return shadow_sound(backend)
     if isinstance(backend, HapBackend):
-        return hap_isolated(backend)
+        return hap_problems(backend)
     if isinstance(backend, PvBackend):
         return pv_problems(frame_table_of(backend.machine), [backend.vcpu])
     return []
@@ -493,27 +509,141 @@ def _is_upper_table(ft: FrameTable, mfn: int) -> bool:
     return page is not None and page.validated and page.type.level not in (None, Level.L1)
 
 
+#: HAP backends whose EPT was audited, with the number of EPT exits they had then.
+_EPT_AUDITED: "weakref.WeakKeyDictionary[HapBackend, int]" = weakref.WeakKeyDictionary()
+
+
+def note_ept_edit(backend: HapBackend) -> None:
+    """The hypervisor edited ``backend``'s EPT: audit it again at the next check."""
+    _EPT_AUDITED.pop(backend, None)
+
+
+def hap_problems(backend: HapBackend) -> list[str]:
+    """HAP isolation (:func:`refmodel.hv.hap.hap_isolated`) and EPT/TLB coherence
+    (:func:`hap_tlb_problems`). The EPT tables change only through an EPT exit or an
+    edit the test makes (:func:`note_ept_edit`), so the full audit — a walk of the
+    whole EPT — reruns only then; the TLB is checked every time."""
+    if _EPT_AUDITED.get(backend) == len(backend.exits):
+        problems = tlb_problems(backend.machine, {backend.vpid: backend.domain.domid})
+    else:
+        problems = hap_isolated(backend)
+        _EPT_AUDITED[backend] = len(backend.exits)
+    return problems + hap_tlb_problems(backend)
+
+
 def hap_tlb_problems(backend: HapBackend) -> list[str]:
     """The hypervisor's side of EPT changes: a combined TLB entry of the domain's
     vCPU may only reach a machine frame its EPT still maps, with at least the EPT
     rights the entry cached — after narrowing or moving a mapping Xen must INVEPT
     (``ept_set_entry`` -> ``ept_sync_domain``; SDM Vol. 3C 29.4.3.1), or the guest
     keeps writing a frame it lost, or writes a log-dirty page unseen."""
-    granted: dict[int, list[EptRights]] = {}
-    for m in backend.ept.mappings():
-        for i in range(m.frames):
-            granted.setdefault(int(m.mfn) + i, []).append(m.rights)
     problems = []
     for e in backend.machine.tlb.entries():
         if e.vpid != backend.vpid or not isinstance(e, CombinedTlbEntry):
             continue
-        mfn = e.frame >> PAGE_SHIFT
-        rights = granted.get(mfn, [])
-        if not any(_covers(r, e.ept) for r in rights):
-            problems.append(f"TLB (vpid {e.vpid}, vpn {e.vpn:#x}) keeps mfn {mfn:#x} with EPT rights {e.ept}; EPT grants {rights}")
+        mfn = MFN(e.frame >> PAGE_SHIFT)
+        gfn = backend.machine.m2p.get(mfn)
+        mapping = backend.ept.lookup(gfn) if gfn is not None else None
+        if mapping is None or mapping.mfn != mfn or not _covers(mapping.rights, e.ept):
+            problems.append(f"TLB (vpid {e.vpid}, vpn {e.vpn:#x}) keeps mfn {mfn:#x} with EPT rights {e.ept}; "
+                            f"the EPT now has {mapping}")
     return problems
 
 
 def _covers(have: EptRights, cached: EptRights) -> bool:
     """``have`` grants every right ``cached`` does."""
     return (have.read or not cached.read) and (have.write or not cached.write) and (have.execute or not cached.execute)
+
+
+# -- what the hardware may use, against the guest's own tables ---------------------------------------
+
+
+class Overlay:
+    """Read-only view of entry memory for a side-effect-free walk: the walk's A/D
+    writes land in a private overlay, never in the model."""
+
+    def __init__(self, base: EntryMemory) -> None:
+        self.base = base
+        self.written: dict[int, int] = {}
+
+    def read_u64(self, pa: int) -> int:
+        return self.written.get(pa, self.base.read_u64(pa))
+
+    def write_u64(self, pa: int, value: int) -> None:
+        self.written[pa] = value
+
+
+@dataclass(frozen=True)
+class HardwareView:
+    """How one backend's vCPU meets the hardware: the guest's tables (memory, paging
+    context, and guest frame -> machine frame), the TLB and the tag its entries carry,
+    and — shadow paging — the context of the shadow tables the processor walks."""
+
+    guest_mem: EntryMemory
+    guest_ctx: PagingContext
+    to_machine: Callable[[int], int | None]
+    tlb: Tlb
+    vpid: int
+    pcid: int
+    hw_mem: EntryMemory | None = None
+    hw_ctx: PagingContext | None = None
+
+
+def hardware_view(backend: MmuBackend) -> HardwareView:
+    if isinstance(backend, NativeBackend):
+        return HardwareView(backend.mem, backend.mmu.ctx, lambda f: f, backend.mmu.tlb, backend.mmu.vpid, backend.mmu.state.pcid)
+    if isinstance(backend, PvBackend):
+        mmu = backend.vcpu.mmu
+        return HardwareView(backend.machine.mem, mmu.ctx, lambda f: f, mmu.tlb, mmu.vpid, mmu.state.pcid)
+    if isinstance(backend, HapBackend):
+        p2m = GuestPhysMemory(backend.machine.mem, backend.domain)
+        return HardwareView(p2m, backend.mmu.ctx, p2m.mfn, backend.mmu.tlb, backend.mmu.vpid, backend.mmu.state.pcid)
+    assert isinstance(backend, ShadowBackend), f"no hardware view for {backend.mode}"
+    hw_ctx = None
+    if backend.root is not None:
+        hw_ctx = hardware_state(backend.guest_state, backend.root.smfn).paging_context(backend.machine.mem.maxphyaddr)
+    return HardwareView(backend.guest_mem, backend.guest_context(), backend.guest_mem.mfn, backend.mmu.tlb,
+                        backend.mmu.vpid, 0, backend.machine.mem, hw_ctx)
+
+
+def coherence_problems(backend: MmuBackend) -> list[str]:
+    """After a guest-kernel operation the kernel has made every invalidation it owes
+    (INVLPG after a change to a live mapping, a flush after fork): nothing the
+    hardware can use for the current address space may grant more than the guest's
+    own tables do now. Checked for every TLB entry of the vCPU's tag and current PCID,
+    and — shadow paging — for the shadow translation of every address programs use
+    (an out-of-sync L1 must have been resynced by the guest's INVLPG, oos.c rule 2).
+    More restrictive is allowed (a shadow waits for the guest's A/D, a TLB entry may
+    be older and narrower)."""
+    view = hardware_view(backend)
+    problems = []
+    for e in view.tlb.entries():
+        if e.vpid != view.vpid or not (e.pcid == view.pcid or e.global_page):
+            continue
+        va = e.vpn << e.size.shift
+        problems += _exceeds(view, va, e.frame >> PAGE_SHIFT, e.rights, e.dirty, f"TLB entry for {va:#x}")
+    if view.hw_mem is not None and view.hw_ctx is not None:
+        for region in REGIONS:
+            for i in range(REGION_PAGES):
+                va = region + i * PAGE_SIZE
+                shadow = walk(Overlay(view.hw_mem), view.hw_ctx, va, Access(AccessKind.READ, 3)).outcome
+                if isinstance(shadow, Translation):
+                    problems += _exceeds(view, va, shadow.pa >> PAGE_SHIFT, shadow.rights, shadow.dirty,
+                                         f"shadow translation of {va:#x}")
+    return problems
+
+
+def _exceeds(view: HardwareView, va: int, mfn: int, rights: Rights, dirty: bool, what: str) -> list[str]:
+    """What a hardware translation of ``va`` to ``mfn`` grants beyond the guest's."""
+    guest = walk(Overlay(view.guest_mem), view.guest_ctx, va, Access(AccessKind.READ, 3)).outcome
+    if not isinstance(guest, Translation):
+        return [f"{what} maps mfn {mfn:#x}; the guest's tables map nothing there ({guest.cause.value})"]
+    if view.to_machine(guest.pa >> PAGE_SHIFT) != mfn:
+        return [f"{what} maps mfn {mfn:#x}; the guest's tables map gfn {guest.pa >> PAGE_SHIFT:#x}"]
+    wider = [name for name, have, may in (
+        ("writable", rights.writable, guest.rights.writable),
+        ("user", rights.user, guest.rights.user),
+        ("executable", not rights.execute_disable, not guest.rights.execute_disable),
+        ("dirty", dirty, guest.dirty),
+    ) if have and not may]
+    return [f"{what} is {', '.join(wider)}; the guest's entry is not"] if wider else []

@@ -31,7 +31,7 @@ from refmodel.arch.types import GFN, PAGE_SHIFT, PAGE_SIZE
 from refmodel.arch.vcpu import NUM_GPRS
 from refmodel.guest.kernel import GuestKernel
 from refmodel.guest.ops import MmuBackend, Mode
-from refmodel.hv.hap import EptFlag, HapBackend, hap_isolated
+from refmodel.hv.hap import EptFlag, HapBackend
 from refmodel.hv.machine import Machine
 from refmodel.hv.modes import ModeSpec, build_backend
 from refmodel.hv.native import NativeBackend
@@ -44,8 +44,10 @@ from stateful_support import (
     PvBatchMonitor,
     allow_self_mapping,
     apply_op,
+    coherence_problems,
     guest_ops,
-    hap_tlb_problems,
+    hap_problems,
+    note_ept_edit,
     machine_settings,
     pv_problems,
     record_of,
@@ -175,6 +177,7 @@ class DomainsMachine(RuleBasedStateMachine):
             guest.spare_gfn += 1
             self.machine.mem.load_frame(new, self.machine.mem.frame_bytes(old))
             backend.ept_remap(gfn, new)
+        note_ept_edit(backend)
 
     # -- after every step ------------------------------------------------------------------------
     def _checked_now(self, i: int) -> bool:
@@ -190,7 +193,10 @@ class DomainsMachine(RuleBasedStateMachine):
             if isinstance(g.backend, ShadowBackend) and self._checked_now(i):
                 problems += shadow_sound(g.backend)
             elif isinstance(g.backend, HapBackend) and self._checked_now(i):
-                problems += hap_isolated(g.backend) + hap_tlb_problems(g.backend)
+                problems += hap_problems(g.backend)
+        for i, g in enumerate(self.guests):
+            if self._checked_now(i) or isinstance(g.backend, PvBackend):
+                problems += [f"domain {g.domid}: {p}" for p in coherence_problems(g.backend)]
         pv = [g.backend.vcpu for g in self.guests if isinstance(g.backend, PvBackend)]
         if pv:
             problems += pv_problems(frame_table_of(self.machine), pv)
@@ -231,4 +237,4 @@ class DomainsMachine(RuleBasedStateMachine):
 
 
 TestDomainSequences = DomainsMachine.TestCase
-TestDomainSequences.settings = machine_settings(examples=120, steps=40)
+TestDomainSequences.settings = machine_settings(examples=250, steps=40)

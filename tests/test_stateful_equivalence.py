@@ -24,6 +24,7 @@ from stateful_support import (
     PvBatchMonitor,
     allow_self_mapping,
     backend_problems,
+    coherence_problems,
     guest_ops,
     machine_settings,
     record_of,
@@ -80,6 +81,13 @@ class EquivalenceMachine(RuleBasedStateMachine):
             problems = backend_problems(run.backend)
             assert not problems, f"{run.spec.label}: " + "; ".join(problems[:5])
 
+    @invariant()
+    def hardware_grants_no_more_than_the_guest(self) -> None:
+        """The kernel has made its invalidations: TLB and shadows are coherent."""
+        for run in self.runs:
+            problems = coherence_problems(run.backend)
+            assert not problems, f"{run.spec.label}: " + "; ".join(problems[:5])
+
 
 def _first_difference(label: str, got: tuple[object, ...], want: tuple[object, ...]) -> str:
     for i, (a, b) in enumerate(zip(got, want)):
@@ -89,4 +97,4 @@ def _first_difference(label: str, got: tuple[object, ...], want: tuple[object, .
 
 
 TestEquivalence = EquivalenceMachine.TestCase
-TestEquivalence.settings = machine_settings(examples=25, steps=30)
+TestEquivalence.settings = machine_settings(examples=120, steps=30)

@@ -267,4 +267,4 @@ def _pa_of(out: object) -> int:
 
 
 TestMmuSequences = MmuMachine.TestCase
-TestMmuSequences.settings = machine_settings(examples=60, steps=40)
+TestMmuSequences.settings = machine_settings(examples=300, steps=40)

@@ -695,4 +695,4 @@ class PvMachine(RuleBasedStateMachine):
 
 
 TestPvSequences = PvMachine.TestCase
-TestPvSequences.settings = machine_settings(examples=150, steps=50)
+TestPvSequences.settings = machine_settings(examples=400, steps=50)
