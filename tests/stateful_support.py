@@ -21,10 +21,9 @@ Profiles
 """
 
 import os
-import struct
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
@@ -35,19 +34,19 @@ from refmodel.account.events import Event
 from refmodel.arch.access import Access, AccessKind
 from refmodel.arch.pte import Level, PteFlag
 from refmodel.arch.tlb import Tlb
+from refmodel.arch.vcpu import ArchState
 from refmodel.arch.types import MFN, PAGE_SHIFT, PAGE_SIZE
 from refmodel.arch.walk import EntryMemory, PagingContext, Rights, Translation, walk
 from refmodel.guest.kernel import GuestKernel, Observation, Process, Vma
 from refmodel.guest.ops import MmuBackend
-from refmodel.hv.hap import EptRights, HapBackend, hap_isolated
+from refmodel.hv.hap import EptRights, HapBackend
 from refmodel.hv.hap.mmu import CombinedTlbEntry
-from refmodel.hv.machine import DOMID_SELF, DOMID_XEN, Machine
+from refmodel.hv.machine import DOMID_SELF, Machine
 from refmodel.hv.modes import ModeSpec, build_backend
-from refmodel.hv.pv import BatchResult, FrameTable, MmuUpdate, PvBackend, PvVcpu, frame_table_of
-from refmodel.hv.pv.pagetype import guest_slots, is_guest_l4_slot
-from refmodel.hv.pv.pteflags import entry_mfn
+from refmodel.hv.invariants import all_violations
 from refmodel.hv.native import NativeBackend
-from refmodel.hv.shadow import ShadowBackend, shadow_sound
+from refmodel.hv.pv import BatchResult, FrameTable, MmuUpdate, PvBackend, PvVcpu
+from refmodel.hv.shadow import ShadowBackend
 from refmodel.hv.shadow.guest import GuestPhysMemory, hardware_state
 
 # -- profiles -----------------------------------------------------------------------------------
@@ -319,130 +318,48 @@ def run_program(spec: ModeSpec, program: Sequence[GuestOp]) -> GuestRecord:
 
 
 def backend_problems(backend: MmuBackend) -> list[str]:
-    """Every violation of the safety invariant of ``backend``'s mode (empty: holds)."""
-    if isinstance(backend, ShadowBackend):
-        return shadow_sound(backend)
+    """Every violation of the isolation invariants (:mod:`refmodel.hv.invariants`:
+    memory isolation, hypervisor integrity, PV page-table integrity, shadow
+    soundness) for a backend alone on its machine, plus the EPT/TLB coherence of a
+    HAP backend (:func:`hap_tlb_problems`). Empty: all hold."""
+    if isinstance(backend, NativeBackend):
+        return []
+    machine: Machine = getattr(backend, "machine")
+    problems = all_violations(machine, [backend], backend)
     if isinstance(backend, HapBackend):
-        return hap_problems(backend)
-    if isinstance(backend, PvBackend):
-        return pv_problems(frame_table_of(backend.machine), [backend.vcpu])
-    return []
-
-
-def table_entries(machine: Machine, mfn: int) -> tuple[int, ...]:
-    """The 512 entries of a frame, read in one go."""
-    return struct.unpack("<512Q", machine.mem.frame_bytes(mfn))
-
-
-def implied_type_counts(ft: FrameTable, vcpus: Sequence[PvVcpu]) -> dict[int, int]:
-    """Every frame's type count recomputed from the tables: one per pin, per base
-    pointer, per present L2..L4 entry of a validated table naming another table, per
-    present RW entry of a validated L1 (Xen's ``get_page_from_lNe`` references)."""
-    counts: dict[int, int] = {}
-    for mfn, page in ft.pages.items():
-        counts[mfn] = counts.get(mfn, 0) + int(page.pinned)
-        level = page.type.level
-        if level is None or not page.validated:
-            continue
-        entries = table_entries(ft.machine, mfn)
-        for slot in guest_slots(level):
-            entry = entries[slot]
-            if not entry & 1:
-                continue
-            target = entry_mfn(entry)
-            if (level is Level.L1 and entry & PteFlag.RW) or (level is not Level.L1 and target != mfn):
-                counts[target] = counts.get(target, 0) + 1
-    for v in vcpus:
-        for base in (v.guest_table, v.guest_table_user):
-            if base is not None:
-                counts[base] = counts.get(base, 0) + 1
-    return counts
-
-
-def pv_problems(ft: FrameTable, vcpus: Sequence[PvVcpu]) -> list[str]:
-    """PV page-table integrity and isolation (Xen's type system, xen/arch/x86/mm.c):
-
-    - type counts are exactly what the tables, pins and base pointers imply;
-    - a table in use is validated;
-    - a validated L1 maps only its owner's frames, and never a page table writable;
-    - a validated L2..L4 entry names a validated table of the level below that the
-      domain owns (or, read-only, one of its own level: a linear page table);
-    - Xen's L4 slots stay empty; no entry names a DOMID_XEN frame;
-    - each vCPU's CR3 is its base pointer, a validated L4;
-    - no TLB entry of a PV vCPU reaches a frame its domain does not own, or writes
-      a page table.
-    """
-    machine = ft.machine
-    problems: list[str] = []
-    counts = implied_type_counts(ft, vcpus)
-    for mfn in sorted(set(counts) | set(ft.pages)):
-        page = ft.info(mfn)
-        if page.count != counts.get(mfn, 0):
-            problems.append(f"mfn {mfn:#x}: type count {page.count}, the tables imply {counts.get(mfn, 0)}")
-        if page.count and not page.validated:
-            problems.append(f"mfn {mfn:#x}: {page.type.value} in use but not validated")
-    for mfn, page in list(ft.pages.items()):
-        if page.type.level is not None and page.validated:
-            problems += _pv_table_problems(ft, mfn, page.type.level)
-    for v in vcpus:
-        base = v.guest_table
-        if base is not None:
-            if v.mmu.state.cr3 >> PAGE_SHIFT != base:
-                problems.append(f"domain {v.domain.domid}: CR3 {v.mmu.state.cr3:#x} is not its base {base:#x}")
-            if ft.info(base).type.level is not Level.L4 or not ft.info(base).validated:
-                problems.append(f"domain {v.domain.domid}: base {base:#x} is not a validated L4")
-    problems += tlb_problems(machine, {v.vpid: v.domain.domid for v in vcpus})
-    for e in machine.tlb.entries():
-        page = ft.info(e.frame >> PAGE_SHIFT)
-        if e.vpid in {v.vpid for v in vcpus} and e.rights.writable and page.count and page.type.is_page_table:
-            problems.append(f"TLB lets vpid {e.vpid} write page table mfn {e.frame >> PAGE_SHIFT:#x}")
+        problems += hap_tlb_problems(backend)
     return problems
 
 
-def _pv_table_problems(ft: FrameTable, mfn: int, level: Level) -> list[str]:
-    machine = ft.machine
-    owner = machine.owner_of(mfn)
-    problems: list[str] = []
-    entries = table_entries(machine, mfn)
-    if level is Level.L4:
-        problems += [f"L4 {mfn:#x}: Xen slot {s} is present" for s in range(512)
-                     if not is_guest_l4_slot(s) and entries[s] & 1]
-    for slot in guest_slots(level):
-        entry = entries[slot]
-        if not entry & 1:
-            continue
-        target = entry_mfn(entry)
-        where = f"{level.name} {mfn:#x}[{slot}] -> {target:#x}"
-        if machine.owner_of(target) == DOMID_XEN:
-            problems.append(f"{where}: a hypervisor frame")
-        elif machine.owner_of(target) != owner:
-            problems.append(f"{where}: owned by {machine.owner_of(target)}, not the table's owner {owner}")
-        page = ft.info(target)
-        if level is Level.L1:
-            if entry & PteFlag.RW and page.type.is_page_table and page.count:
-                problems.append(f"{where}: a writable mapping of a {page.type.value}")
-            continue
-        below = page.type.level
-        linear = below is level and not entry & PteFlag.RW
-        if not page.validated or (below is None or (below != level - 1 and not linear)):
-            problems.append(f"{where}: target is {page.type.value} (validated={page.validated})")
-    return problems
+def leaving_state(regs: ArchState, guest: ArchState) -> ArchState:
+    """What a vCPU leaves the CPU with: the register file, and the paging registers
+    (CR0, CR2, CR3, CR4, EFER) as its backend keeps them for the guest."""
+    return replace(regs, cr0=guest.cr0, cr2=guest.cr2, cr3=guest.cr3, cr4=guest.cr4, efer=guest.efer)
 
 
-def tlb_problems(machine: Machine, owners: dict[int, int]) -> list[str]:
-    """TLB isolation: an entry tagged with a vCPU's VPID reaches only frames of that
-    vCPU's domain. ``owners`` maps each tag to the one domain that uses it."""
+def hap_tlb_problems(backend: HapBackend) -> list[str]:
+    """The hypervisor's side of EPT changes: a combined TLB entry of the domain's
+    vCPU may only reach a machine frame its EPT still maps, with at least the EPT
+    rights the entry cached — after narrowing or moving a mapping Xen must INVEPT
+    (``ept_set_entry`` -> ``ept_sync_domain``; SDM Vol. 3C 29.4.3.1), or the guest
+    keeps writing a frame it lost, or writes a log-dirty page unseen. (Memory
+    isolation does not see this: the frame it lost is still its own.)"""
     problems = []
-    for e in machine.tlb.entries():
-        domid = owners.get(e.vpid)
-        if domid is None:
+    for e in backend.machine.tlb.entries():
+        if e.vpid != backend.vpid or not isinstance(e, CombinedTlbEntry):
             continue
-        first = e.frame >> PAGE_SHIFT
-        for mfn in range(first, first + (e.size.value >> PAGE_SHIFT)):
-            if machine.owner_of(mfn) != domid:
-                problems.append(f"TLB (vpid {e.vpid}, vpn {e.vpn:#x}) reaches mfn {mfn:#x} of {machine.owner_of(mfn)}, not domain {domid}")
-                break
+        mfn = MFN(e.frame >> PAGE_SHIFT)
+        gfn = backend.machine.m2p.get(mfn)
+        mapping = backend.ept.lookup(gfn) if gfn is not None else None
+        if mapping is None or mapping.mfn != mfn or not _covers(mapping.rights, e.ept):
+            problems.append(f"TLB (vpid {e.vpid}, vpn {e.vpn:#x}) keeps mfn {mfn:#x} with EPT rights {e.ept}; "
+                            f"the EPT now has {mapping}")
     return problems
+
+
+def _covers(have: EptRights, cached: EptRights) -> bool:
+    """``have`` grants every right ``cached`` does."""
+    return (have.read or not cached.read) and (have.write or not cached.write) and (have.execute or not cached.execute)
 
 
 # -- accounting of every PV batch ------------------------------------------------------------------
@@ -507,52 +424,6 @@ class PvBatchMonitor:
 def _is_upper_table(ft: FrameTable, mfn: int) -> bool:
     page = ft.pages.get(MFN(mfn))
     return page is not None and page.validated and page.type.level not in (None, Level.L1)
-
-
-#: HAP backends whose EPT was audited, with the number of EPT exits they had then.
-_EPT_AUDITED: "weakref.WeakKeyDictionary[HapBackend, int]" = weakref.WeakKeyDictionary()
-
-
-def note_ept_edit(backend: HapBackend) -> None:
-    """The hypervisor edited ``backend``'s EPT: audit it again at the next check."""
-    _EPT_AUDITED.pop(backend, None)
-
-
-def hap_problems(backend: HapBackend) -> list[str]:
-    """HAP isolation (:func:`refmodel.hv.hap.hap_isolated`) and EPT/TLB coherence
-    (:func:`hap_tlb_problems`). The EPT tables change only through an EPT exit or an
-    edit the test makes (:func:`note_ept_edit`), so the full audit — a walk of the
-    whole EPT — reruns only then; the TLB is checked every time."""
-    if _EPT_AUDITED.get(backend) == len(backend.exits):
-        problems = tlb_problems(backend.machine, {backend.vpid: backend.domain.domid})
-    else:
-        problems = hap_isolated(backend)
-        _EPT_AUDITED[backend] = len(backend.exits)
-    return problems + hap_tlb_problems(backend)
-
-
-def hap_tlb_problems(backend: HapBackend) -> list[str]:
-    """The hypervisor's side of EPT changes: a combined TLB entry of the domain's
-    vCPU may only reach a machine frame its EPT still maps, with at least the EPT
-    rights the entry cached — after narrowing or moving a mapping Xen must INVEPT
-    (``ept_set_entry`` -> ``ept_sync_domain``; SDM Vol. 3C 29.4.3.1), or the guest
-    keeps writing a frame it lost, or writes a log-dirty page unseen."""
-    problems = []
-    for e in backend.machine.tlb.entries():
-        if e.vpid != backend.vpid or not isinstance(e, CombinedTlbEntry):
-            continue
-        mfn = MFN(e.frame >> PAGE_SHIFT)
-        gfn = backend.machine.m2p.get(mfn)
-        mapping = backend.ept.lookup(gfn) if gfn is not None else None
-        if mapping is None or mapping.mfn != mfn or not _covers(mapping.rights, e.ept):
-            problems.append(f"TLB (vpid {e.vpid}, vpn {e.vpn:#x}) keeps mfn {mfn:#x} with EPT rights {e.ept}; "
-                            f"the EPT now has {mapping}")
-    return problems
-
-
-def _covers(have: EptRights, cached: EptRights) -> bool:
-    """``have`` grants every right ``cached`` does."""
-    return (have.read or not cached.read) and (have.write or not cached.write) and (have.execute or not cached.execute)
 
 
 # -- what the hardware may use, against the guest's own tables ---------------------------------------

@@ -97,4 +97,4 @@ def _first_difference(label: str, got: tuple[object, ...], want: tuple[object, .
 
 
 TestEquivalence = EquivalenceMachine.TestCase
-TestEquivalence.settings = machine_settings(examples=120, steps=30)
+TestEquivalence.settings = machine_settings(examples=40, steps=30)
