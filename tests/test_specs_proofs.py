@@ -44,10 +44,18 @@ def test_hypotheses_are_consistent() -> None:
     """Config ∧ Core is satisfiable (an empty machine satisfies it), so no proof is
     vacuous."""
     s = fresh("s")
-    solver = z3.Solver()
-    solver.set("timeout", 20_000)
-    solver.add(*[c for _, c in config(s)], *[c for _, c in all_core(s)])
-    assert solver.check() == z3.sat
+    answers = []
+    # Quantified satisfiability is heuristic in Z3: a run can give up ("unknown")
+    # where another seed finds the model. Any "sat" is a real witness.
+    for seed in range(4):
+        solver = z3.Solver()
+        solver.set("timeout", 20_000)
+        solver.set("random_seed", seed)
+        solver.add(*[c for _, c in config(s)], *[c for _, c in all_core(s)])
+        answers.append(solver.check())
+        if answers[-1] == z3.sat:
+            break
+    assert answers[-1] == z3.sat, answers
 
 
 def test_each_lemma_needs_the_core() -> None:
