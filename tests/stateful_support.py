@@ -78,8 +78,12 @@ def machine_settings(examples: int, steps: int) -> settings:
 #: Where programs map memory: 4 pages each, placed to share and to cross table
 #: boundaries (the second crosses a 2 MiB boundary, the third a 1 GiB one, the
 #: fourth sits in another 512 GiB slot). Few pages, so that operations meet.
-REGIONS = (0x0000_0000_0040_0000, 0x0000_0000_005F_E000, 0x0000_0000_7FFF_E000, 0x0000_6000_0000_0000)
+REGIONS = (0x0000_0000_0040_0000, 0x0000_0000_005F_E000, 0x0000_0000_7FFF_E000, 0x0000_6000_0000_0000,
+           0x0000_0000_0080_0000)
 REGION_PAGES = 4
+#: The last region is where self-mapping programs map their page tables: ``Map``
+#: never uses it, so :class:`MapTable` finds free pages there.
+TABLE_REGION = len(REGIONS) - 1
 #: Guest frames of every domain the stateful tests build (small: fast to create).
 GUEST_FRAMES = 256
 #: An operation that may allocate runs only if this many guest frames are left.
@@ -188,32 +192,41 @@ def region_range(region: int, first: int, npages: int) -> tuple[int, int]:
 #: How often each kind of guest operation is drawn, in parts. Touches dominate, as in
 #: real workloads, so that maps, writes, unmaps and reads meet on the same pages;
 #: switches and forks (a CR3 load resynchronises and flushes everything) are rarer.
-OP_WEIGHTS = {"touch": 8, "map": 3, "unmap": 2, "protect": 2, "remap": 2, "fork": 1, "switch": 1, "map_table": 2}
+OP_WEIGHTS = {
+    "touch": 8, "map": 3, "unmap": 2, "protect": 2, "remap": 2, "fork": 1, "switch": 1,
+    "map_table": 2, "table_store": 3,  # self-mapping programs only
+}
 
 
 def guest_ops(self_mapping: bool = False) -> st.SearchStrategy[GuestOp]:
     """One guest operation, drawn by :data:`OP_WEIGHTS`. ``self_mapping`` adds
     :class:`MapTable` (for kernels that allow it)."""
-    # Half the operations land in the first region.
-    region = st.sampled_from((0, 0, 0, 1, 2, 3))
+    # Half the operations land in the first region; mmap never in the table region.
+    map_region = st.sampled_from((0, 0, 0, 1, 2, 3))
+    region = st.sampled_from((0, 0, 0, 1, 2, 3, TABLE_REGION) if self_mapping else (0, 0, 0, 1, 2, 3))
     page = st.integers(0, REGION_PAGES - 1)
     count = st.integers(1, REGION_PAGES)
+    offset = st.sampled_from((0, 8, PAGE_SIZE - 8))
+    value = st.integers(0, (1 << 64) - 1)
+    table_page = st.integers(0, 1)  # two pages, so that mappings and stores meet
     kinds: dict[str, st.SearchStrategy[GuestOp]] = {
         "touch": st.builds(
-            Touch, region, page, st.sampled_from((0, 8, PAGE_SIZE - 8)),
-            st.sampled_from((AccessKind.READ, AccessKind.WRITE, AccessKind.WRITE, AccessKind.FETCH)),
-            st.integers(0, (1 << 64) - 1),
+            Touch, region, page, offset,
+            st.sampled_from((AccessKind.READ, AccessKind.WRITE, AccessKind.WRITE, AccessKind.FETCH)), value,
         ),
-        "map": st.builds(Map, region, page, count, st.booleans(), st.booleans()),
+        "map": st.builds(Map, map_region, page, count, st.booleans(), st.booleans()),
         "unmap": st.builds(Unmap, region, page, count),
         "protect": st.builds(Protect, region, page, count, st.booleans()),
         "remap": st.builds(Remap, region, page, count),
         "fork": st.just(Fork()),
         "switch": st.builds(Switch, st.integers(0, MAX_PROCESSES - 1)),
-        "map_table": st.builds(MapTable, region, page, st.integers(0, 15), st.booleans()),
+        "map_table": st.builds(MapTable, st.just(TABLE_REGION), table_page, st.integers(0, 15), st.booleans()),
+        "table_store": st.builds(
+            Touch, st.just(TABLE_REGION), table_page, offset, st.sampled_from((AccessKind.WRITE, AccessKind.READ)), value
+        ),
     }
     if not self_mapping:
-        del kinds["map_table"]
+        del kinds["map_table"], kinds["table_store"]
     weighted = [name for name in kinds for _ in range(OP_WEIGHTS[name])]
     return st.sampled_from(weighted).flatmap(lambda name: kinds[name])
 

@@ -39,7 +39,9 @@ from refmodel.hv.native import NativeBackend
 from refmodel.hv.sched import Scheduler
 from stateful_support import (
     GUEST_FRAMES,
+    REGION_PAGES,
     GuestOp,
+    Map,
     PvBatchMonitor,
     allow_self_mapping,
     apply_op,
@@ -52,6 +54,9 @@ from stateful_support import (
 )
 
 HV_MODES = (Mode.SHADOW, Mode.SHADOW_OOS, Mode.PV, Mode.HAP)
+#: Every process starts with memory to touch: the first region populated and
+#: writable, the second on demand (a heap and a lazily grown area).
+PRELUDE = (Map(0, 0, REGION_PAGES, True, True), Map(1, 0, REGION_PAGES, True, False))
 NR_DOMAINS = 3
 
 
@@ -101,8 +106,10 @@ class DomainsMachine(RuleBasedStateMachine):
         self.expected: list[ArchState] = [ArchState() for _ in self.guests]
         for i, guest in enumerate(self.guests):
             self.run(i)
-            guest.kernel.create_process()
-            guest.twin.create_process()
+            for kernel in (guest.kernel, guest.twin):
+                kernel.create_process()
+                for op in PRELUDE:
+                    assert apply_op(kernel, op)
 
     def teardown(self) -> None:
         monitor = getattr(self, "monitor", None)
@@ -126,11 +133,14 @@ class DomainsMachine(RuleBasedStateMachine):
         return guest
 
     # -- rules -----------------------------------------------------------------------------------
-    @rule(d=st.integers(0, NR_DOMAINS - 1), op=guest_ops(self_mapping=True))
-    def guest_op(self, d: int, op: GuestOp) -> None:
+    @rule(d=st.integers(0, NR_DOMAINS - 1), ops=st.lists(guest_ops(self_mapping=True), min_size=1, max_size=6))
+    def guest_ops(self, d: int, ops: list[GuestOp]) -> None:
+        """A burst of guest operations on one domain (a time slice): enough work
+        between switches and EPT changes for the TLB to hold something."""
         guest = self.run(d)
-        applied = apply_op(guest.kernel, op)
-        assert apply_op(guest.twin, op) == applied
+        for op in ops:
+            applied = apply_op(guest.kernel, op)
+            assert apply_op(guest.twin, op) == applied
 
     @rule(d=st.integers(0, NR_DOMAINS - 1))
     def switch(self, d: int) -> None:
@@ -149,16 +159,25 @@ class DomainsMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: bool(self.guests) and bool(self._hap()))
     @rule(which=st.integers(0, 10), frame=st.integers(0, 10_000),
-          change=st.sampled_from(("read-execute only", "no rights", "execute only", "move to another frame")))
+          change=st.sampled_from(("read-execute only", "no rights", "execute only", "move to another frame",
+                                  "log-dirty: every page read-execute")))
     def ept_change(self, which: int, frame: int, change: str) -> None:
-        """The hypervisor edits a HAP domain's EPT: the guest must not notice, beyond
-        the exits it takes to get its rights back (Xen log-dirty, page migration)."""
-        d = self._hap()[which % len(self._hap())]
+        """The hypervisor edits a HAP domain's EPT behind its back — the running
+        one's if it is a HAP domain — for a page the running process has mapped, or
+        every page at once (log-dirty tracking for live migration); the guest must
+        not notice, beyond the EPT exits it takes to get its rights back (Xen
+        ``p2m_change_type``, page migration)."""
+        hap = self._hap()
+        d = self.sched.current if self.sched.current in hap else hap[which % len(hap)]
         guest = self.run(d)
         backend = guest.backend
         assert isinstance(backend, HapBackend)
-        used = guest.kernel._next_frame
-        gfn = GFN(1 + frame % max(1, used - 1))
+        if change.startswith("log-dirty"):
+            for g in sorted(backend.domain.p2m):
+                if g < guest.kernel._next_frame:
+                    backend.ept_set_rights(g, EptFlag.R | EptFlag.X)
+            return
+        gfn = self._mapped_frame(guest, frame)
         if change == "read-execute only":
             backend.ept_set_rights(gfn, EptFlag.R | EptFlag.X)
         elif change == "no rights":
@@ -172,6 +191,16 @@ class DomainsMachine(RuleBasedStateMachine):
             guest.spare_gfn += 1
             self.machine.mem.load_frame(new, self.machine.mem.frame_bytes(old))
             backend.ept_remap(gfn, new)
+
+    @staticmethod
+    def _mapped_frame(guest: Guest, pick: int) -> GFN:
+        """A guest frame the running process maps (its data, or the tables' frames
+        a self-mapping guest maps), else any frame the kernel has used."""
+        proc = guest.kernel.current
+        frames = sorted({guest.kernel.frame_of(guest.kernel._read_leaf(proc, va)) for va in proc.mapped}) if proc else []
+        if frames:
+            return frames[pick % len(frames)]
+        return GFN(1 + pick % max(1, guest.kernel._next_frame - 1))
 
     # -- after every step ------------------------------------------------------------------------
     def _checked_now(self, i: int) -> bool:
@@ -216,4 +245,4 @@ class DomainsMachine(RuleBasedStateMachine):
 
 
 TestDomainSequences = DomainsMachine.TestCase
-TestDomainSequences.settings = machine_settings(examples=60, steps=40)
+TestDomainSequences.settings = machine_settings(examples=50, steps=40)

@@ -700,4 +700,4 @@ class PvMachine(RuleBasedStateMachine):
 
 
 TestPvSequences = PvMachine.TestCase
-TestPvSequences.settings = machine_settings(examples=80, steps=50)
+TestPvSequences.settings = machine_settings(examples=70, steps=50)
