@@ -545,6 +545,13 @@ class HypervisorModel(Model):
             assert vcpu.domid is not None
             backend = build_backend(self.mode, self.machine, self.machine.domain(vcpu.domid), header.machine)
             setattr(backend, "guest_state", vcpu.arch_state())
+            init = next(d for d in header.domains if d.domid == vcpu.domid)
+            if init.pv_base is not None:
+                from ..hv.pv.backend import PvBackend
+                from ..hv.pv.dom0 import adopt_built_base
+
+                assert isinstance(backend, PvBackend)
+                adopt_built_base(backend.vcpu, MFN(init.pv_base))
             self.backends.append(backend)
             self.cpls.append(vcpu.cpl)
             self.sched.add(vcpu.domid, backend)
@@ -635,6 +642,17 @@ class HypervisorModel(Model):
         return Observation(Result.OK, ret=result.rc, results=tuple(e.result for e in result.entries))
 
     # -- every allowed outcome ----------------------------------------------------------------
+    def may_branch(self, op: Op) -> bool:
+        """An access branches only if some legal TLB may hold a translation for its
+        page (the model's own TLB holds a subset of those): with none, every
+        processor walks the tables as they are, as the model does. Out-of-sync
+        shadows always branch: the hypervisor may resync them first."""
+        if not super().may_branch(op) or self.mode is Mode.SHADOW_OOS:
+            return super().may_branch(op)
+        assert isinstance(op, (Read, Write, Fetch))
+        mmu = self.hardware()
+        return bool(self.tlb.cacheable.for_access(op.va, mmu.vpid, mmu.state.pcid))
+
     def outcomes(self, op: Op) -> list[Outcome]:
         own = self.clone()
         result = [Outcome(own.step(op), own, "the model's TLB")]

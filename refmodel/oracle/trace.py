@@ -396,11 +396,14 @@ class VcpuInit:
 
 @dataclass(frozen=True)
 class DomainInit:
-    """A domain: its id, P2M (gfn -> mfn, sorted) and privilege."""
+    """A domain: its id, P2M (gfn -> mfn, sorted) and privilege. ``pv_base`` (PV
+    only): the L4 frame the domain starts on, validated, pinned and loaded, as Xen's
+    domain builder leaves dom0 (:func:`refmodel.hv.pv.dom0.adopt_built_base`)."""
 
     domid: int
     p2m: tuple[tuple[int, int], ...]
     privileged: bool = False
+    pv_base: int | None = None
 
 
 @dataclass(frozen=True)
@@ -950,7 +953,7 @@ def parse_header(obj: Json, line: int = 1) -> Header:
     )
     domains = tuple(
         DomainInit(int(d["domid"]), tuple(sorted((int(g, 16), u64(m)) for g, m in d["p2m"].items())),
-                   bool(d.get("privileged", False)))
+                   bool(d.get("privileged", False)), u64(d["pv_base"]) if "pv_base" in d else None)
         for d in obj.get("domains", [])
     )
     machine = None
@@ -1022,8 +1025,20 @@ def _check_hypervisor_header(header: Header, line: int) -> None:
         if vcpu.domid in seen:
             raise TraceError(line, f"{where}.domid", "the model runs one vCPU per domain")
         seen.add(vcpu.domid)
-        if header.mode is Mode.PV and vcpu.cr3:
-            raise TraceError(line, f"{where}.cr3", "a PV vCPU starts without a base table (0); install one with MMUEXT_NEW_BASEPTR")
+        base = next(d.pv_base for d in header.domains if d.domid == vcpu.domid)
+        if header.mode is Mode.PV and vcpu.cr3 != (base or 0) << PAGE_SHIFT:
+            raise TraceError(
+                line, f"{where}.cr3",
+                "a PV vCPU starts on its domain's pv_base (cr3 = pv_base << 12), or without a base table (0); "
+                "install one with MMUEXT_NEW_BASEPTR",
+            )
+    for i, dom in enumerate(header.domains):
+        if dom.pv_base is None:
+            continue
+        if header.mode is not Mode.PV:
+            raise TraceError(line, f"domains[{i}].pv_base", f"belongs to mode pv; this trace's mode is {header.mode.value}")
+        if dom.pv_base not in {mfn for _, mfn in dom.p2m}:
+            raise TraceError(line, f"domains[{i}].pv_base", f"mfn {dom.pv_base:#x} is not a frame of domain {dom.domid}")
 
 
 # ---------------------------------------------------------------------------------
@@ -1132,6 +1147,7 @@ def header_json(h: Header) -> dict[str, Json]:
     if h.domains:
         out["domains"] = [
             {"domid": d.domid, **({"privileged": True} if d.privileged else {}),
+             **({"pv_base": hex(d.pv_base)} if d.pv_base is not None else {}),
              "p2m": {hex(g): hex(mfn) for g, mfn in d.p2m}}
             for d in h.domains
         ]

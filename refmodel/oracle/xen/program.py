@@ -67,18 +67,22 @@ import enum
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from ...errors import RefmodelError
 from ..trace import (
     Fetch,
     Hypercall,
+    MmuextEntry,
     MmuextOp,
     MmuUpdate,
+    MmuUpdateReq,
     Multicall,
     Op,
     Read,
     UpdateVaMapping,
     Write,
+    op_name,
 )
 
 MAGIC = b"RMXPROG1"
@@ -180,7 +184,7 @@ def fields_of(op: Op) -> tuple[Kind, list[Field]]:
         return Kind.WRITE, [raw(op.va), raw(op.value)]
     if isinstance(op, Fetch):
         return Kind.FETCH, [raw(op.va)]
-    raise RefmodelError(f"'{op.NAME}' is not an operation the Xen test kernel runs")
+    raise RefmodelError(f"'{op_name(op)}' is not an operation the Xen test kernel runs")
 
 
 def _check_access(va: int, size: int) -> None:
@@ -241,7 +245,7 @@ def iter_ops(ops: Iterable[Op]) -> Iterable[Op]:
             yield from iter_ops(op.calls)
 
 
-def is_hypercall(op: Op) -> bool:
+def is_hypercall(op: Op) -> TypeGuard[Hypercall]:
     return isinstance(op, (MmuUpdate, MmuextOp, UpdateVaMapping, Multicall))
 
 
@@ -250,3 +254,34 @@ __all__ = [
     "MASK_VA", "NR_FOREIGN", "SCRATCH_VA", "SYM_BOOT_L3", "SYM_BOOT_L4", "Tag", "VCPU_INFO_VA",
     "encode", "fields_of",
 ]
+
+
+def to_machine(op: Op, fmap: FrameMap) -> Op:
+    """``op`` with every program frame replaced by the machine frame the kernel uses
+    (the same tags :func:`fields_of` writes, read back the same way)."""
+    if isinstance(op, MmuUpdate):
+        reqs = tuple(
+            MmuUpdateReq(fmap.entry(r.ptr), r.val if r.ptr & 7 == MMU_MACHPHYS_UPDATE else fmap.entry(r.val))
+            for r in op.reqs
+        )
+        return MmuUpdate(reqs, op.foreigndom)
+    if isinstance(op, MmuextOp):
+        ops = tuple(
+            MmuextEntry(
+                e.cmd,
+                fmap.frame(e.arg1) if e.cmd in MMUEXT_ARG1_FRAME else e.arg1,
+                fmap.frame(e.arg2) if e.cmd in MMUEXT_ARG2_FRAME else e.arg2,
+            )
+            for e in op.ops
+        )
+        return MmuextOp(ops, op.foreigndom)
+    if isinstance(op, UpdateVaMapping):
+        return UpdateVaMapping(op.va, fmap.entry(op.val), op.flags)
+    if isinstance(op, Multicall):
+        calls: list[Hypercall] = []
+        for call in op.calls:
+            translated = to_machine(call, fmap)
+            assert is_hypercall(translated)
+            calls.append(translated)
+        return Multicall(tuple(calls))
+    return op
