@@ -169,8 +169,9 @@ class ProgramGenerator:
         tables (rights ignored) and every translation a TLB may still hold. None
         if some reachable frame is not a program frame we know."""
         found: set[int] = set()
-        table = self.vcpu.guest_table
-        assert table is not None
+        base = self.vcpu.guest_table
+        assert base is not None
+        table = int(base)
         mem = self.model.machine.mem
         for level in (Level.L4, Level.L3, Level.L2, Level.L1):
             entry = mem.read_u64((table << PAGE_SHIFT) + ((va >> level.index_shift) & 511) * 8)
