@@ -13,7 +13,7 @@ from refmodel.errors import RefmodelError
 from refmodel.hv.pv.backend import PvBackend
 from refmodel.oracle.replay import HypervisorModel, build_model
 from refmodel.oracle.trace import (
-    Fetch, Invlpg, MmuextEntry, MmuextOp, MmuUpdate, MmuUpdateReq, Multicall, Read, Trace, UpdateVaMapping, Write,
+    Fetch, Invlpg, MmuextEntry, MmuextOp, MmuUpdate, MmuUpdateReq, Multicall, Op, Read, Trace, UpdateVaMapping, Write,
     dump_trace, parse_trace,
 )
 from refmodel.oracle.xen.generate import ProgramGenerator, generate
@@ -31,7 +31,7 @@ def words(data: bytes) -> list[int]:
 
 
 def test_encoding_tags_every_frame_word() -> None:
-    prog = [
+    prog: list[Op] = [
         MmuUpdate((MmuUpdateReq((2 << 12) | 0x18 | 2, (1 << 12) | 0x67), MmuUpdateReq((1 << 12) | 1, 5))),
         MmuextOp((MmuextEntry(3, 2), MmuextEntry(7, 0x4000), MmuextEntry(17, 1, 2)), foreigndom=0x7FF0),
         UpdateVaMapping(0x1000, (1 << 12) | 1, 2),
