@@ -248,9 +248,9 @@ def parse(console: str, expected_ops: int | None = None) -> BootRecord:
     end: int | None = None
     ready = False
     for line in console.splitlines():
+        if line.startswith(("XP crash", "XP error")):
+            raise _fail(f"the test kernel reported: {line}", console)
         try:
-            if line.startswith(("XP crash", "XP error")):
-                raise _fail(f"the test kernel reported: {line}", console)
             if line.startswith("XP start "):
                 start = _START.match(line)
                 if start is None:

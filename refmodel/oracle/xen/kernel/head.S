@@ -97,7 +97,9 @@ trap_common:
     lea   resume_ctx(%rip), %rsp
     mov   $23, %eax             /* __HYPERVISOR_iret */
     syscall
-    ud2                         /* not reached */
+    .globl not_reached
+not_reached:                    /* (also a #UD for the harness's crash test) */
+    ud2
 
 /*
  * The guarded accesses. Each records the %rsp at its entry and arms the handler
