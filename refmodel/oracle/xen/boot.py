@@ -35,6 +35,7 @@ CFLAGS = (
     "-fno-stack-protector", "-mcmodel=large", "-mgeneral-regs-only", "-nostdlib",
     "-static", "-Wall", "-Werror",
 )
+LDFLAGS = ("-nostdlib", "-static", "-z", "noexecstack")
 QEMU_ARGS = (
     "-accel", "tcg", "-cpu", "max", "-m", "512", "-display", "none", "-serial", "stdio",
     "-monitor", "none", "-no-reboot",
@@ -74,16 +75,18 @@ class OpResult:
 
 @dataclass(frozen=True)
 class BootRecord:
+    """What a boot of the test kernel reported (see :mod:`.program` for the lines)."""
+
     nr_pages: int
     pt_base: int
     boot_l4: int
     boot_l3: int
-    shared_info: int
     foreign: tuple[int, ...]
     p2m: tuple[int, ...]
     tables: tuple[TableDump, ...]
     results: tuple[OpResult, ...]
     console: str
+    shared_info: int  #: start_info.shared_info (a machine address)
 
     def frame_map(self) -> prog.FrameMap:
         return prog.FrameMap(self.p2m, self.foreign, self.boot_l4, self.boot_l3)
@@ -137,7 +140,7 @@ def build_kernel() -> Path:
     if reason is not None:
         raise XenHarnessError(reason)
     h = hashlib.sha256()
-    for flag in (*CFLAGS, *_defines()):
+    for flag in (*CFLAGS, *LDFLAGS, *_defines()):
         h.update(flag.encode() + b"\0")
     for name in SOURCES:
         h.update(name.encode() + b"\0" + (KERNEL_DIR / name).read_bytes())
@@ -153,8 +156,7 @@ def build_kernel() -> Path:
             _run(["gcc", *CFLAGS, *defs, "-c", str(KERNEL_DIR / src), "-o", str(t / obj)], f"compiling {src}")
         _run(["cpp", "-P", "-undef", *defs, str(KERNEL_DIR / "link.lds"), "-o", str(t / "link.lds")],
              "preprocessing link.lds")
-        _run(["ld", "-T", str(t / "link.lds"), "-nostdlib", "-static", "-z", "noexecstack",
-              "--no-warn-rwx-segments", str(t / "head.o"), str(t / "main.o"), "-o", str(t / "kernel.elf")],
+        _run(["ld", "-T", str(t / "link.lds"), *LDFLAGS, str(t / "head.o"), str(t / "main.o"), "-o", str(t / "kernel.elf")],
              "linking the kernel")
         os.makedirs(out_dir, exist_ok=True)
         os.replace(t / "kernel.elf", elf)
