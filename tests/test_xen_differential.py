@@ -28,8 +28,8 @@ SEEDS = range(SEED0, SEED0 + max(1, -(-TOTAL_OPS // OPS_PER_PROGRAM)))
 def test_xen_and_the_model_agree(seed: int, tmp_path: Path) -> None:
     require_xen()
     result = run_seed(seed, OPS_PER_PROGRAM)
-    assert result.operations >= OPS_PER_PROGRAM
     if not result.check.clean:
         where = save_divergence(result, os.environ.get("REFMODEL_XEN_DIVERGENCES", tmp_path))
         pytest.fail(f"{result.check.summary()}\nreplay: refmodel check {where}")
+    assert result.operations >= OPS_PER_PROGRAM
     assert result.check.compared == result.operations

@@ -10,7 +10,9 @@ Frames are handed out in a deterministic, deliberately scrambled order so that a
 GFN is almost never equal to its MFN: a backend that mixes them up fails loudly.
 """
 
+import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..account.events import Counters
 from ..arch.physmem import PhysicalMemory
@@ -35,6 +37,15 @@ class Domain:
     domid: DomId
     p2m: dict[GFN, MFN] = field(default_factory=dict)
     privileged: bool = False  #: dom0-like: may name another domain as data owner
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Domain":
+        """The P2M holds only numbers: a shallow copy of it is a deep one (and a
+        model checker copies domains of 16384 frames often)."""
+        twin = copy.copy(self)
+        memo[id(self)] = twin
+        vars(twin).update({k: copy.deepcopy(v, memo) for k, v in vars(self).items() if k != "p2m"})
+        twin.p2m = dict(self.p2m)
+        return twin
 
     def mfn_of(self, gfn: int) -> MFN | None:
         """P2M lookup: the machine frame backing ``gfn``, or None if unbacked."""
@@ -75,6 +86,20 @@ class Machine:
         rest = range(hypervisor_frames, nr_frames)
         self._free: list[MFN] = [MFN(m) for m in sorted(rest, key=lambda m: (m % 2 == 0, -m if m % 2 else m))]
         self._free_xen: list[MFN] = [MFN(m) for m in range(hypervisor_frames - 1, 0, -1)]
+
+    #: Attributes that hold only numbers: a shallow copy of each is a deep one.
+    NUMBER_TABLES = frozenset({"owner", "m2p", "_free", "_free_xen"})
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Machine":
+        """A deep copy in a fraction of ``copy.deepcopy``'s time: the ownership, M2P
+        and free-list tables (131072 frames for a machine like QEMU's 512 MiB) are
+        copied shallowly, everything else deeply."""
+        twin = Machine.__new__(Machine)
+        memo[id(self)] = twin
+        vars(twin).update(
+            {k: copy.copy(v) if k in self.NUMBER_TABLES else copy.deepcopy(v, memo) for k, v in vars(self).items()}
+        )
+        return twin
 
     # -- ownership -----------------------------------------------------------------
     def owner_of(self, mfn: int) -> DomId | None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from .replay import Model, Outcome, build_model, run_step, step_outcomes
 from ..errors import RefmodelError
-from .trace import Observation, Step, Trace, TraceError, dumps_line, op_json
+from .trace import Fetch, Observation, Read, Step, Trace, TraceError, Write, dumps_line, op_json
 
 #: How many indistinguishable-so-far states the checker follows at most.
 MAX_STATES = 64
@@ -103,10 +103,12 @@ class CheckResult:
         return text
 
 
-def _merge(outcomes: list[Outcome]) -> tuple[list[Model], bool]:
-    """Distinct states, first occurrence kept, at most MAX_STATES."""
-    if len(outcomes) == 1:
-        return [outcomes[0].model], False
+def _merge(outcomes: list[Outcome], look: bool = True) -> tuple[list[Model], bool]:
+    """Distinct states, first occurrence kept, at most MAX_STATES. With ``look``
+    false the states are kept as they are, unmerged (telling states apart costs a
+    walk over each whole machine; following two equal states is only slower)."""
+    if len(outcomes) == 1 or (not look and len(outcomes) <= MAX_STATES):
+        return [o.model for o in outcomes], False
     seen: set[Hashable] = set()
     models: list[Model] = []
     for out in outcomes:
@@ -163,7 +165,11 @@ def _check(trace: Trace) -> CheckResult:
                 result.divergence = Divergence(index, step, step.obs, _distinct(outcomes, step.obs), previous)
                 return result
             outcomes = matching
-        states, truncated = _merge(outcomes)
+        # States become equal again through an operation that drops what told them
+        # apart (a flush, a hypercall, a write of a table); an access that did not
+        # branch rarely does, so merging is only tried after the others.
+        branched = len(outcomes) > len(states)
+        states, truncated = _merge(outcomes, look=branched or not isinstance(step.op, (Read, Write, Fetch)))
         result.truncated = result.truncated or truncated
         result.max_states = max(result.max_states, len(states))
         previous = step

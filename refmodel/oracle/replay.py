@@ -742,6 +742,9 @@ def structural_key(obj: object, memo: dict[int, int]) -> Hashable:
     if id(obj) in memo:
         return ("ref", memo[id(obj)])
     memo[id(obj)] = len(memo)
+    numbers = _numbers_only(obj)
+    if numbers is not None:
+        return numbers
     if isinstance(obj, (list, tuple)):
         return tuple(structural_key(x, memo) for x in obj)
     if isinstance(obj, dict):
@@ -756,6 +759,16 @@ def structural_key(obj: object, memo: dict[int, int]) -> Hashable:
     return (type(obj).__name__,) + tuple(
         (name, structural_key(value, memo)) for name, value in sorted(fields.items()) if name not in HISTORY_ATTRIBUTES
     )
+
+
+def _numbers_only(obj: object) -> Hashable | None:
+    """The key of a container of plain numbers (frame tables, P2Ms, free lists: the
+    bulk of a machine), without visiting each number; None for anything else."""
+    if isinstance(obj, (list, tuple)) and all(type(x) is int for x in obj):
+        return ("list", tuple(obj))
+    if isinstance(obj, dict) and all(type(k) is int and type(v) is int for k, v in obj.items()):
+        return ("dict",) + tuple(sorted(obj.items()))
+    return None
 
 
 def pv_requests(op: MmuUpdate) -> tuple[PvMmuUpdate, ...]:

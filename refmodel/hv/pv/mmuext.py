@@ -50,7 +50,8 @@ def do_mmuext_op(
     count = len(ops) if count is None else count
     if count < 0:
         raise RefmodelError(f"mmuext_op count {count} is negative")
-    pg_owner = get_pg_owner(v, foreigndom)
+    # get_pg_owner takes a domid_t: Xen passes the 32-bit argument truncated to 16 bits.
+    pg_owner = get_pg_owner(v, foreigndom & 0xFFFF)
     if pg_owner is None:
         return BatchResult(neg(Errno.ESRCH), 0)
     if not xsm_target_allowed(v.domain, pg_owner):
@@ -200,7 +201,7 @@ def flush_cache(v: PvVcpu, op: MmuextOp) -> int:
 
 def set_ldt(v: PvVcpu, op: MmuextOp) -> int:
     """MMUEXT_SET_LDT: the argument checks; the LDT itself is not modelled."""
-    ents, ptr = op.arg2, op.arg1
+    ents, ptr = op.arg2 & 0xFFFF_FFFF, op.arg1  # arg2.nr_ents is an unsigned int (xen.h)
     if ents > MAX_LDT_ENTRIES or (ents and (ptr % PAGE_SIZE or not addr_ok(ptr))):
         return neg(Errno.EINVAL)  # "Bad args to SET_LDT"
     v.ldt_base, v.ldt_ents = (ptr if ents else 0), ents

@@ -87,6 +87,9 @@ class BootRecord:
     results: tuple[OpResult, ...]
     console: str
     shared_info: int  #: start_info.shared_info (a machine address)
+    #: the crash or error line that stopped the kernel before the program's end
+    #: (only with ``allow_abort``; ``results`` then holds the operations finished)
+    aborted: str | None = None
 
     def frame_map(self) -> prog.FrameMap:
         return prog.FrameMap(self.p2m, self.foreign, self.boot_l4, self.boot_l3)
@@ -187,8 +190,10 @@ def _fail(message: str, console: str) -> XenHarnessError:
     return XenHarnessError(f"{message}\n--- last {CONSOLE_TAIL} console lines ---\n{_tail(console)}")
 
 
-def boot(program: bytes, timeout: float = 120) -> BootRecord:
-    """Boot Xen with the test kernel running ``program`` (:func:`.program.encode`)."""
+def boot(program: bytes, timeout: float = 120, allow_abort: bool = False) -> BootRecord:
+    """Boot Xen with the test kernel running ``program`` (:func:`.program.encode`).
+    With ``allow_abort``, a kernel that stops in the middle of the program (a crash
+    line) gives the record of the operations it finished, ``aborted`` saying why."""
     kernel = build_kernel()
     xen = xen_image()
     with tempfile.TemporaryDirectory(prefix="refmodel-xen-") as tmp:
@@ -205,7 +210,7 @@ def boot(program: bytes, timeout: float = 120) -> BootRecord:
     if r.returncode != 0:
         err = r.stderr.decode(errors="replace").strip().splitlines()
         raise _fail(f"QEMU exited with {r.returncode}: {err[-1] if err else ''}", console)
-    return parse(console, expected_ops=_count_ops(program))
+    return parse(console, expected_ops=_count_ops(program), allow_abort=allow_abort)
 
 
 def _count_ops(program: bytes) -> int | None:
@@ -240,7 +245,7 @@ def _result(index: int, rest: str) -> OpResult:
     raise ValueError(rest)
 
 
-def parse(console: str, expected_ops: int | None = None) -> BootRecord:
+def parse(console: str, expected_ops: int | None = None, allow_abort: bool = False) -> BootRecord:
     """The boot record in the kernel's console output (see :mod:`.program`)."""
     start: re.Match[str] | None = None
     foreign: dict[int, int] = {}
@@ -249,9 +254,13 @@ def parse(console: str, expected_ops: int | None = None) -> BootRecord:
     results: list[OpResult] = []
     end: int | None = None
     ready = False
+    aborted: str | None = None
     for line in console.splitlines():
         if line.startswith(("XP crash", "XP error")):
-            raise _fail(f"the test kernel reported: {line}", console)
+            if not (allow_abort and ready):
+                raise _fail(f"the test kernel reported: {line}", console)
+            aborted = line  # the results so far still count: the caller checks them
+            break
         try:
             if line.startswith("XP start "):
                 start = _START.match(line)
@@ -283,9 +292,13 @@ def parse(console: str, expected_ops: int | None = None) -> BootRecord:
             raise _fail(f"unparsable console line: {line!r}", console) from None
     if start is None or not ready:
         raise _fail("the test kernel did not report its boot", console)
+    if aborted is not None:
+        end = len(results)
     if end is None:
         raise _fail("no 'XP end' line: the kernel did not finish the program", console)
-    if [r.index for r in results] != list(range(end)) or (expected_ops is not None and end != expected_ops):
+    if [r.index for r in results] != list(range(end)) or (
+        aborted is None and expected_ops is not None and end != expected_ops
+    ):
         raise _fail(f"{len(results)} results for a program of {expected_ops if expected_ops is not None else end}"
                     " operations", console)
     nr_pages = int(start.group(1))
@@ -296,7 +309,7 @@ def parse(console: str, expected_ops: int | None = None) -> BootRecord:
         boot_l3=_hex(start.group(4)), shared_info=_hex(start.group(5)),
         foreign=tuple(foreign[k] for k in range(len(foreign))), p2m=tuple(p2m),
         tables=tuple(TableDump(lv, mfn, tuple(es)) for lv, mfn, es in tables),
-        results=tuple(results), console=console,
+        results=tuple(results), console=console, aborted=aborted,
     )
 
 

@@ -84,6 +84,10 @@ FLIP_BITS = tuple(range(12)) + tuple(range(52, 64))
 DATA_SLOTS = (1, 300)
 CODE_SLOT = 2
 SPARE_SLOTS = (3, 4, 511)
+#: The windows the prologue builds (a data window, the code window, a data window in
+#: the upper half), each mapping its first WINDOW_PAGES pages.
+WINDOW_SLOTS = (DATA_SLOTS[0], CODE_SLOT, DATA_SLOTS[1])
+WINDOW_PAGES = 8
 
 
 def canonical(va: int) -> int:
@@ -250,8 +254,8 @@ class ProgramGenerator:
         return self.pt_req(table, slot, value)
 
     def leaf_req(self) -> MmuUpdateReq | None:
-        l1 = self.table_frame(1)
-        slot = self.rng.choice((0, 1, 2, 3, 4, 5, 6, 7, self.rng.randrange(512)))
+        l1 = self.rng.choice(self.roles.l1[: len(WINDOW_SLOTS)]) if self.chance(0.6) else self.table_frame(1)
+        slot = self.rng.randrange(WINDOW_PAGES) if self.chance(0.8) else self.rng.randrange(512)
         if not self.writable_slot(l1, slot):
             return None
         pool = self.roles.data if self.chance(0.7) else self.roles.code
@@ -327,7 +331,9 @@ class ProgramGenerator:
         return MmuextEntry(5, frame)
 
     def window(self) -> int:
-        """A VA where programs map things."""
+        """A VA where programs map things: mostly the pages the prologue mapped."""
+        if self.chance(0.75):
+            return window_va(self.rng.choice(WINDOW_SLOTS), 0, 0, self.rng.randrange(WINDOW_PAGES))
         slot = self.rng.choice(DATA_SLOTS + (CODE_SLOT,) + SPARE_SLOTS)
         return window_va(slot, self.rng.choice((0, 0, 1, 511)), self.rng.choice((0, 0, 1, 511)), self.rng.randrange(8))
 
@@ -389,7 +395,7 @@ class ProgramGenerator:
         return Write(va, self.rng.getrandbits(64))
 
     def op_fetch(self) -> Op | None:
-        va = window_va(CODE_SLOT, self.rng.choice((0, 1)), self.rng.choice((0, 1)), self.rng.randrange(8)) + CODE_OFFSET
+        va = window_va(CODE_SLOT, 0, self.rng.choice((0, 0, 0, 1)), self.rng.randrange(WINDOW_PAGES)) + CODE_OFFSET
         targets = self.targets(va)
         if targets is None or not targets <= self.code:
             return None
@@ -405,12 +411,27 @@ class ProgramGenerator:
         return Read(SCRATCH_VA + 8 * slot)
 
     def prologue(self) -> None:
-        """L4 candidates get the kernel's slot 0; code frames get their ``ret``."""
+        """L4 candidates get the kernel's slot 0; code frames get their ``ret``; each
+        window gets a table chain from the boot L4 down to an L1 mapping its first
+        pages (read-write, read-only, no-execute mixed), which later operations then
+        change."""
         for l4 in self.roles.l4:
             self.emit(MmuUpdate((MmuUpdateReq(l4 << PAGE_SHIFT, self.boot_l3_entry),)))
         for code in self.roles.code:
             self.emit(UpdateVaMapping(SCRATCH_VA, (code << PAGE_SHIFT) | 0x63, 2))
             self.emit(Write(SCRATCH_VA + CODE_OFFSET, RET8))
+        for i, slot in enumerate(WINDOW_SLOTS):
+            l3, l2, l1 = self.roles.l3[i], self.roles.l2[i], self.roles.l1[i]
+            pool = self.roles.code if slot == CODE_SLOT else self.roles.data
+            reqs = [
+                MmuUpdateReq((SYM_BOOT_L4 << PAGE_SHIFT) | slot * 8, (l3 << PAGE_SHIFT) | TABLE_FLAGS),
+                MmuUpdateReq(l3 << PAGE_SHIFT, (l2 << PAGE_SHIFT) | TABLE_FLAGS),
+                MmuUpdateReq(l2 << PAGE_SHIFT, (l1 << PAGE_SHIFT) | TABLE_FLAGS),
+            ]
+            for page in range(WINDOW_PAGES):
+                flags = self.rng.choice((0x67, 0x67, 0x65, 0x27, 0x25)) | (self.rng.choice((0, 0, 1)) << 63)
+                reqs.append(MmuUpdateReq((l1 << PAGE_SHIFT) | page * 8, (self.rng.choice(pool) << PAGE_SHIFT) | flags))
+            self.emit(MmuUpdate(tuple(reqs)))
 
     def program(self, n_ops: int) -> list[Op]:
         """About ``n_ops`` operations (a few more: read-backs come in pairs)."""
