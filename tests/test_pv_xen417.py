@@ -9,8 +9,14 @@ from refmodel.account.events import Event
 from refmodel.arch.control import Cr4
 from refmodel.arch.pte import Level, PteFlag
 from refmodel.arch.walk import Translation
-from refmodel.hv.pv import MmuextCmd, PvStat, PvVcpu
-from test_pv_support import DATA, L4, USER_RW, PvWorld, audit
+from refmodel.hv.machine import DOMID_SELF
+from refmodel.hv.pv import Errno, MmuextCmd, MmuextOp, PvStat, PvVcpu, neg
+from refmodel.hv.pv.hypercall import mmuext_op, update_va_mapping_otherdomain
+from test_pv_support import DATA, L1, L4, USER_RW, PvWorld, audit
+
+#: Bits Xen may add to a guest's entry as it stores it (``adjust_guest_l1e``: G, and
+#: ``_PAGE_GUEST_KERNEL``); a test comparing a stored entry ignores them.
+ADJUSTED = int(PteFlag.G) | (1 << 52)
 
 
 @pytest.fixture
@@ -87,3 +93,23 @@ def test_flushes_without_pge_flush_the_non_global_entries(world: PvWorld) -> Non
     assert entry is not None and not entry.global_page
     assert world.ext(MmuextCmd.NEW_BASEPTR, world.mfn(L4)) == 0
     assert not cached(world, 0x1000)
+
+
+# -- 2. domid_t arguments are 16 bits ----------------------------------------------------------------
+def test_mmuext_op_foreigndom_is_truncated_to_domid_t() -> None:
+    """``do_mmuext_op(..., unsigned int foreigndom)`` passes it to
+    ``get_pg_owner(domid_t domid)`` (mm.c 3444, 3485; common/page_alloc.c 2665):
+    only the low 16 bits name the data owner."""
+    world = PvWorld(privileged=True)
+    op = [MmuextOp(MmuextCmd.CLEAR_PAGE, world.mfn(0, world.other))]
+    assert mmuext_op(world.vcpu, op, foreigndom=0x1_0000 | world.other.domid).rc == 0
+    assert mmuext_op(world.vcpu, op, foreigndom=0x5_0000 | DOMID_SELF).rc == neg(Errno.EINVAL)  # a frame of dom 2, not self
+
+
+def test_update_va_mapping_otherdomain_domid_is_domid_t(world: PvWorld) -> None:
+    """``do_update_va_mapping_otherdomain(..., domid_t domid)`` (mm.c 4576-4582):
+    the hypercall argument is truncated to 16 bits."""
+    entry = world.entry(DATA, USER_RW)
+    assert update_va_mapping_otherdomain(world.vcpu, 0x1000, entry, 0, 0x3_0000 | DOMID_SELF) == 0
+    assert world.read(L1, 1) & ~ADJUSTED == entry
+    assert update_va_mapping_otherdomain(world.vcpu, 0x2000, entry, 0, 0x1_0009) == neg(Errno.ESRCH)  # domain 9

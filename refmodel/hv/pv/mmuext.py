@@ -28,7 +28,7 @@ from ...account.events import Event
 from ...arch.types import MFN, PAGE_SIZE
 from ...errors import RefmodelError
 from ..machine import DOMID_SELF, Domain
-from .abi import BatchResult, MmuextCmd, MmuextOp
+from .abi import BatchResult, MmuextCmd, MmuextOp, domid_t
 from .errno import Errno, neg
 from .pagetype import PageType, cache_flush_permitted, get_page_type, put_page_type
 from .vcpu import PvVcpu, addr_ok, get_pg_owner, xsm_target_allowed
@@ -46,11 +46,13 @@ MAX_LDT_ENTRIES = 8192
 def do_mmuext_op(
     v: PvVcpu, ops: Sequence[MmuextOp], count: int | None = None, foreigndom: int = DOMID_SELF
 ) -> BatchResult:
-    """Run ``count`` operations (all of ``ops`` by default) for vCPU ``v``."""
+    """Run ``count`` operations (all of ``ops`` by default) for vCPU ``v``. The data
+    owner is ``foreigndom``'s low 16 bits: ``do_mmuext_op`` takes an ``unsigned int``
+    and hands it to ``get_pg_owner(domid_t)`` (xen/arch/x86/mm.c)."""
     count = len(ops) if count is None else count
     if count < 0:
         raise RefmodelError(f"mmuext_op count {count} is negative")
-    pg_owner = get_pg_owner(v, foreigndom)
+    pg_owner = get_pg_owner(v, domid_t(foreigndom))
     if pg_owner is None:
         return BatchResult(neg(Errno.ESRCH), 0)
     if not xsm_target_allowed(v.domain, pg_owner):
