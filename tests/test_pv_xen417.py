@@ -113,3 +113,15 @@ def test_update_va_mapping_otherdomain_domid_is_domid_t(world: PvWorld) -> None:
     assert update_va_mapping_otherdomain(world.vcpu, 0x1000, entry, 0, 0x3_0000 | DOMID_SELF) == 0
     assert world.read(L1, 1) & ~ADJUSTED == entry
     assert update_va_mapping_otherdomain(world.vcpu, 0x2000, entry, 0, 0x1_0009) == neg(Errno.ESRCH)  # domain 9
+
+
+# -- 4. MMUEXT_SET_LDT's nr_ents is 32 bits ----------------------------------------------------------
+def test_set_ldt_reads_a_32_bit_entry_count(world: PvWorld) -> None:
+    """``unsigned int ents = op.arg2.nr_ents`` (mm.c 3826; public/xen.h struct
+    mmuext_op: ``unsigned int nr_ents`` in the arg2 union): the upper 32 bits of the
+    64-bit slot are not part of it."""
+    assert world.ext(MmuextCmd.SET_LDT, 0x10000, (1 << 32) | 16) == 0
+    assert (world.vcpu.ldt_base, world.vcpu.ldt_ents) == (0x10000, 16)
+    assert world.ext(MmuextCmd.SET_LDT, 0x10001, 1 << 32) == 0  # no entries: the pointer is not checked
+    assert (world.vcpu.ldt_base, world.vcpu.ldt_ents) == (0, 0)
+    assert world.ext(MmuextCmd.SET_LDT, 0x10000, (1 << 40) | 8193) == neg(Errno.EINVAL)

@@ -201,8 +201,10 @@ def flush_cache(v: PvVcpu, op: MmuextOp) -> int:
 
 
 def set_ldt(v: PvVcpu, op: MmuextOp) -> int:
-    """MMUEXT_SET_LDT: the argument checks; the LDT itself is not modelled."""
-    ents, ptr = op.arg2, op.arg1
+    """MMUEXT_SET_LDT: the argument checks; the LDT itself is not modelled. The
+    entry count is ``arg2.nr_ents``, an ``unsigned int`` (xen.h ``struct
+    mmuext_op``): the low 32 bits of the slot."""
+    ents, ptr = op.arg2 & 0xFFFF_FFFF, op.arg1
     if ents > MAX_LDT_ENTRIES or (ents and (ptr % PAGE_SIZE or not addr_ok(ptr))):
         return neg(Errno.EINVAL)  # "Bad args to SET_LDT"
     v.ldt_base, v.ldt_ents = (ptr if ents else 0), ents
