@@ -420,13 +420,13 @@ class PvBatchMonitor:
                foreigndom: int) -> BatchResult:
         ft, counters = v.frames, v.machine.counters
         upper = [_is_upper_table(ft, r.maddr >> PAGE_SHIFT) for r in reqs]
-        flushes, entries = counters[Event.TLB_FLUSH_FULL], counters[Event.HYPERCALL_ENTRY]
+        flushes, entries = counters[Event.TLB_FLUSH_GLOBAL], counters[Event.HYPERCALL_ENTRY]
         result = original(v, reqs, count, foreigndom)
         self.batches += 1
         read = counters[Event.HYPERCALL_ENTRY] - entries
         assert result.done <= read <= len(reqs), f"mmu_update read {read} entries, did {result.done} of {len(reqs)}"
         if any(upper[: result.done]):
-            assert counters[Event.TLB_FLUSH_FULL] > flushes, (
+            assert counters[Event.TLB_FLUSH_GLOBAL] > flushes, (
                 f"domain {v.domain.domid}: a batch changed an L2..L4 entry and went without its flush"
             )
             stale = [e for e in v.machine.tlb.entries() if e.vpid == v.vpid and not e.global_page]

@@ -163,10 +163,10 @@ def test_no_type_change_flush_after_the_guest_flushed(world: PvWorld) -> None:
     load(world, 0x1000)
     assert world.map_page(0x1000, DATA, 0) == 0
     assert world.ext(MmuextCmd.TLB_FLUSH_LOCAL) == 0
-    flushes, full = world.ft.stats[PvStat.TYPE_CHANGE_FLUSH], world.machine.counters[Event.TLB_FLUSH_FULL]
+    flushes, full = world.ft.stats[PvStat.TYPE_CHANGE_FLUSH], world.machine.counters[Event.TLB_FLUSH_GLOBAL]
     assert world.pin(DATA, Level.L1) == 0
     assert world.ft.stats[PvStat.TYPE_CHANGE_FLUSH] == flushes
-    assert world.machine.counters[Event.TLB_FLUSH_FULL] == full
+    assert world.machine.counters[Event.TLB_FLUSH_GLOBAL] == full
 
 
 def test_l1_updates_leave_flushing_to_the_guest(world: PvWorld) -> None:

@@ -66,7 +66,7 @@ from ..arch.pte import Level, PteFlag
 from ..arch.types import GFN, MFN, PAGE_SHIFT
 from ..errors import RefmodelError
 from ..hv.machine import DOMID_SELF, Domain
-from ..hv.pv.abi import MMU_CMD_MASK, BatchResult, MmuCmd, MmuUpdate
+from ..hv.pv.abi import MMU_CMD_MASK, BatchResult, MmuCmd, MmuUpdate, domid_t
 from ..hv.pv.errno import Errno, neg
 from ..hv.pv.mmu_update import mmu_update_one
 from ..hv.pv.pagetype import FrameTable, PageType, PvStat, cache_flush_permitted
@@ -132,7 +132,7 @@ def mmu_update_batch(
         raise RefmodelError(f"mmu_update count {count} is negative")
     if foreigndom >> 16:
         raise RefmodelError("a foreign page-table owner (foreigndom >> 16) is not modelled")
-    pg_owner = get_pg_owner(v, foreigndom & 0xFFFF)
+    pg_owner = get_pg_owner(v, domid_t(foreigndom))
     if pg_owner is None:
         return FastBatchResult(neg(Errno.ESRCH), 0, 0, 0)
     limit = min(count, n)

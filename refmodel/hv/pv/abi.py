@@ -92,6 +92,12 @@ class Domid(enum.IntEnum):
     INVALID = DOMID_INVALID
 
 
+def domid_t(value: int) -> int:
+    """A hypercall argument declared ``domid_t`` (``uint16_t``, xen.h) or passed to
+    a ``domid_t`` parameter: C keeps its low 16 bits."""
+    return value & 0xFFFF
+
+
 def _check_u64(name: str, value: int) -> None:
     if not 0 <= value <= U64_MASK:
         raise RefmodelError(f"{name} {value:#x} is not a 64-bit unsigned value")

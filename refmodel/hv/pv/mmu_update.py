@@ -26,7 +26,7 @@ from ...arch.pte import Level, PteFlag
 from ...arch.types import GFN, PAGE_SHIFT, MFN
 from ...errors import RefmodelError
 from ..machine import DOMID_SELF, Domain
-from .abi import BatchResult, MmuCmd, MmuUpdate
+from .abi import BatchResult, MmuCmd, MmuUpdate, domid_t
 from .errno import Errno, neg
 from .pagetype import (
     PageType,
@@ -63,7 +63,7 @@ def do_mmu_update(
         raise RefmodelError(f"mmu_update count {count} is negative")
     if foreigndom >> 16:
         raise RefmodelError("a foreign page-table owner (foreigndom >> 16) is not modelled")
-    pg_owner = get_pg_owner(v, foreigndom & 0xFFFF)
+    pg_owner = get_pg_owner(v, domid_t(foreigndom))
     if pg_owner is None:
         return BatchResult(neg(Errno.ESRCH), 0)
     rc, done, upper_changed = 0, 0, False

@@ -28,7 +28,7 @@ from ...account.events import Event
 from ...arch.types import MFN, PAGE_SIZE
 from ...errors import RefmodelError
 from ..machine import DOMID_SELF, Domain
-from .abi import BatchResult, MmuextCmd, MmuextOp
+from .abi import BatchResult, MmuextCmd, MmuextOp, domid_t
 from .errno import Errno, neg
 from .pagetype import PageType, cache_flush_permitted, get_page_type, put_page_type
 from .vcpu import PvVcpu, addr_ok, get_pg_owner, xsm_target_allowed
@@ -46,12 +46,13 @@ MAX_LDT_ENTRIES = 8192
 def do_mmuext_op(
     v: PvVcpu, ops: Sequence[MmuextOp], count: int | None = None, foreigndom: int = DOMID_SELF
 ) -> BatchResult:
-    """Run ``count`` operations (all of ``ops`` by default) for vCPU ``v``."""
+    """Run ``count`` operations (all of ``ops`` by default) for vCPU ``v``. The data
+    owner is ``foreigndom``'s low 16 bits: ``do_mmuext_op`` takes an ``unsigned int``
+    and hands it to ``get_pg_owner(domid_t)`` (xen/arch/x86/mm.c)."""
     count = len(ops) if count is None else count
     if count < 0:
         raise RefmodelError(f"mmuext_op count {count} is negative")
-    # get_pg_owner takes a domid_t: Xen passes the 32-bit argument truncated to 16 bits.
-    pg_owner = get_pg_owner(v, foreigndom & 0xFFFF)
+    pg_owner = get_pg_owner(v, domid_t(foreigndom))
     if pg_owner is None:
         return BatchResult(neg(Errno.ESRCH), 0)
     if not xsm_target_allowed(v.domain, pg_owner):
@@ -200,8 +201,10 @@ def flush_cache(v: PvVcpu, op: MmuextOp) -> int:
 
 
 def set_ldt(v: PvVcpu, op: MmuextOp) -> int:
-    """MMUEXT_SET_LDT: the argument checks; the LDT itself is not modelled."""
-    ents, ptr = op.arg2 & 0xFFFF_FFFF, op.arg1  # arg2.nr_ents is an unsigned int (xen.h)
+    """MMUEXT_SET_LDT: the argument checks; the LDT itself is not modelled. The
+    entry count is ``arg2.nr_ents``, an ``unsigned int`` (xen.h ``struct
+    mmuext_op``): the low 32 bits of the slot."""
+    ents, ptr = op.arg2 & 0xFFFF_FFFF, op.arg1
     if ents > MAX_LDT_ENTRIES or (ents and (ptr % PAGE_SIZE or not addr_ok(ptr))):
         return neg(Errno.EINVAL)  # "Bad args to SET_LDT"
     v.ldt_base, v.ldt_ents = (ptr if ents else 0), ents

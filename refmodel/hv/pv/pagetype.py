@@ -174,12 +174,15 @@ class FrameTable:
         self.last_flush[domid] = self.clock
 
     def flush_domain(self, domid: DomId) -> None:
-        """``flush_tlb_mask(d->dirty_cpumask)``: every non-global entry the domain's
-        vCPU may have cached (one physical CPU, one tag per domain)."""
+        """``flush_tlb_mask(d->dirty_cpumask)`` (and ``flush_tlb_local`` of the
+        domain's one vCPU): every entry the vCPU may have cached, *global ones too* —
+        ``FLUSH_TLB`` is ``do_tlb_flush`` (xen/arch/x86/flushtlb.c), which toggles
+        CR4.PGE or runs ``invpcid_flush_all``. One physical CPU, one tag per domain:
+        the whole tag goes (counted as one :attr:`Event.TLB_FLUSH_GLOBAL`)."""
         vpid = self.vpids.get(domid)
         if vpid is None:
             return  # the domain has never run: no CPU is dirty
-        self.machine.tlb.invalidate_nonglobal(vpid)
+        self.machine.tlb.invalidate_all(vpid)
         self.note_full_flush(domid)
 
     def need_flush(self, domid: DomId, stamp: int | None) -> bool:

@@ -15,7 +15,7 @@ from ...account.events import Event
 from ...arch.pte import Level, PteFlag, table_index
 from ...arch.types import ENTRY_SIZE, MFN, PAGE_SHIFT
 from ..machine import Domain
-from .abi import Uvmf
+from .abi import Uvmf, domid_t
 from .errno import Errno, neg
 from .mmu_update import mod_l1_entry
 from .pagetype import PageType, read_entry
@@ -29,8 +29,9 @@ def do_update_va_mapping(v: PvVcpu, va: int, val: int, flags: int) -> int:
 
 
 def do_update_va_mapping_otherdomain(v: PvVcpu, va: int, val: int, flags: int, domid: int) -> int:
-    """``do_update_va_mapping_otherdomain``: the data owner is ``domid``."""
-    pg_owner = get_pg_owner(v, domid)
+    """``do_update_va_mapping_otherdomain``: the data owner is ``domid``, a
+    ``domid_t`` parameter — only its low 16 bits reach Xen."""
+    pg_owner = get_pg_owner(v, domid_t(domid))
     if pg_owner is None:
         return neg(Errno.ESRCH)
     return update_va_mapping(v, va, val, flags, pg_owner)

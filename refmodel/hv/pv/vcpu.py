@@ -8,10 +8,19 @@ is a hypercall, and Xen runs on the guest's page tables, so entering it flushes
 nothing (Barham et al., SOSP 2003, section 3.3).
 
 One vCPU (``vcpu_id`` 0) per domain, on the machine's one physical CPU.
+
+CR4: the vCPU runs with the CR4 Xen makes for it (``pv_make_cr4``,
+xen/arch/x86/pv/domain.c): PCIDE when the domain uses PCIDs, else PGE unless XPTI is
+on or ``global-pages`` is off. The model follows Xen 4.17 without XPTI and without
+PCIDs (the default on hardware not affected by Meltdown): CR4.PGE is set, so the
+guest's G entries are global in the TLB, and every flush Xen does for the vCPU —
+``flush_tlb_local``, ``flush_tlb_mask``, ``write_ptbase`` — drops them too.
+XPTI (its per-CPU root-table copy and resync) and PCIDs for PV are not modelled.
 """
 
 from dataclasses import replace
 
+from ...arch.control import Cr4
 from ...arch.mmu import LoadResult, Mmu
 from ...arch.types import MFN, PAGE_SHIFT, DomId
 from ...arch.vcpu import ArchState
@@ -34,6 +43,13 @@ def addr_ok(va: int) -> bool:
     return va < (1 << 47) or va >= HYPERVISOR_VIRT_END
 
 
+def pv_make_cr4() -> int:
+    """``pv_make_cr4`` (xen/arch/x86/pv/domain.c) for a domain without PCIDs and
+    without XPTI, ``opt_global_pages`` on: the paging bits of the real CR4 a PV vCPU
+    runs with — PAE and PGE (``mmu_cr4_features`` has PGE; PCIDE is not set)."""
+    return int(Cr4.PAE | Cr4.PGE)
+
+
 class PvVcpu:
     """One PV vCPU: its domain, the MMU it runs on, and Xen's bookkeeping for it."""
 
@@ -42,7 +58,7 @@ class PvVcpu:
         self.domain = domain
         self.frames: FrameTable = frame_table_of(machine)
         self.vpid = vpid
-        self.mmu = Mmu(machine.mem, ArchState(), machine.tlb, machine.counters, vpid)
+        self.mmu = Mmu(machine.mem, ArchState(cr4=pv_make_cr4()), machine.tlb, machine.counters, vpid)
         self.guest_table: MFN | None = None  #: ``arch.guest_table``: the current base
         self.guest_table_user: MFN | None = None  #: ``arch.guest_table_user``
         self.in_multicall = False  #: ``mc_state.flags & _MCSF_in_multicall``
@@ -52,8 +68,9 @@ class PvVcpu:
 
     # -- TLB maintenance Xen performs for this vCPU ---------------------------------------
     def flush_tlb_local(self) -> None:
-        """``flush_tlb_local()``: every non-global entry of this vCPU — with one vCPU
-        per domain, the domain's whole flush."""
+        """``flush_tlb_local()`` = ``flush_local(FLUSH_TLB)`` (asm/flushtlb.h): every
+        entry of this vCPU, global ones included — with one vCPU per domain, the
+        domain's whole flush."""
         self.frames.flush_domain(self.domain.domid)
 
     def flush_tlb_one(self, va: int) -> None:
@@ -63,11 +80,22 @@ class PvVcpu:
             self.mmu.invlpg(va)
 
     def write_ptbase(self) -> None:
-        """``write_ptbase``: load CR3 with the current base — a flush of the
-        non-global entries."""
+        """``write_ptbase`` -> ``switch_cr3_cr4`` (xen/arch/x86/flushtlb.c): load CR3
+        with the current base. With CR4.PGE set and staying set, Xen first writes
+        CR4 with PGE clear — a flush of every entry, global ones included — then
+        CR3, then CR4 again; the later two writes find nothing of the tag left, so
+        the model does the three as one flush of the tag (one
+        :attr:`Event.TLB_FLUSH_GLOBAL`). With PGE clear it is the CR3 write alone
+        (no entry is global then)."""
         assert self.guest_table is not None
-        fault = self.mmu.mov_cr3(self.guest_table << PAGE_SHIFT)
-        assert fault is None, fault
+        cr3 = self.guest_table << PAGE_SHIFT
+        state = self.mmu.state
+        if state.cr4 & Cr4.PGE and not state.cr4 & Cr4.PCIDE:
+            self.mmu.state = replace(state, cr3=cr3)
+            self.machine.tlb.invalidate_all(self.vpid)
+        else:
+            fault = self.mmu.mov_cr3(cr3)
+            assert fault is None, fault
         self.frames.note_full_flush(self.domain.domid)
 
     # -- guest memory as Xen reads it -------------------------------------------------------

@@ -1,0 +1,127 @@
+"""Regression tests for the places where the PV model disagreed with Xen 4.17
+(issue 11): each test names the Xen source it checks (xen/arch/x86/...)."""
+
+from dataclasses import replace
+
+import pytest
+
+from refmodel.account.events import Event
+from refmodel.arch.control import Cr4
+from refmodel.arch.pte import Level, PteFlag
+from refmodel.arch.walk import Translation
+from refmodel.hv.machine import DOMID_SELF
+from refmodel.hv.pv import Errno, MmuextCmd, MmuextOp, PvStat, PvVcpu, neg
+from refmodel.hv.pv.hypercall import mmuext_op, update_va_mapping_otherdomain
+from test_pv_support import DATA, L1, L4, USER_RW, PvWorld, audit
+
+#: Bits Xen may add to a guest's entry as it stores it (``adjust_guest_l1e``: G, and
+#: ``_PAGE_GUEST_KERNEL``); a test comparing a stored entry ignores them.
+ADJUSTED = int(PteFlag.G) | (1 << 52)
+
+
+@pytest.fixture
+def world() -> PvWorld:
+    w = PvWorld()
+    w.build_tree()
+    return w
+
+
+def cached(world: PvWorld, va: int) -> bool:
+    return world.machine.tlb.lookup(va, world.vcpu.vpid, 0) is not None
+
+
+def global_write(world: PvWorld, va: int, gfn: int) -> None:
+    """Map ``gfn`` RW and global at ``va``, write it (a global writable TLB entry)."""
+    assert world.vcpu.mmu.state.cr4 & Cr4.PGE
+    assert world.map_page(va, gfn, USER_RW | int(PteFlag.G)) == 0
+    assert isinstance(world.vcpu.mmu.store(va, 0), Translation)
+    entry = world.machine.tlb.lookup(va, world.vcpu.vpid, 0)
+    assert entry is not None and entry.global_page
+
+
+# -- 1. Xen's flushes drop global entries too ----------------------------------------------------------
+def test_pv_vcpu_runs_with_cr4_pge() -> None:
+    """``pv_make_cr4`` (pv/domain.c 182-209): without PCIDs and without XPTI, and
+    with ``opt_global_pages`` (on unless Xen runs virtualized on AMD, 168-176), a
+    PV vCPU runs with CR4.PGE set."""
+    world = PvWorld()
+    assert isinstance(world.vcpu, PvVcpu)
+    assert world.vcpu.mmu.state.cr4 & Cr4.PGE
+    assert not world.vcpu.mmu.state.cr4 & Cr4.PCIDE
+
+
+def test_type_change_flush_drops_a_stale_global_writable_mapping(world: PvWorld) -> None:
+    """``_get_page_type``'s type-change flush is ``flush_tlb_mask`` = ``FLUSH_TLB``,
+    which ``do_tlb_flush`` (flushtlb.c 87-112) performs by toggling CR4.PGE or with
+    ``invpcid_flush_all``: global entries go too. Otherwise a stale global RW entry
+    would let the guest write its new page table."""
+    global_write(world, 0x1000, DATA)
+    assert world.map_page(0x1000, DATA, 0) == 0  # unmapped; the guest does not flush
+    flushes = world.ft.stats[PvStat.TYPE_CHANGE_FLUSH]
+    assert world.pin(DATA, Level.L1) == 0
+    assert world.ft.stats[PvStat.TYPE_CHANGE_FLUSH] == flushes + 1
+    assert not cached(world, 0x1000)
+    assert not audit(world.ft, [world.vcpu])
+
+
+def test_tlb_flush_local_drops_global_entries(world: PvWorld) -> None:
+    """MMUEXT_TLB_FLUSH_LOCAL is ``flush_tlb_local()`` = ``flush_local(FLUSH_TLB)``
+    (asm/flushtlb.h 152-153) -> ``do_tlb_flush`` (flushtlb.c 98-104)."""
+    global_write(world, 0x1000, DATA)
+    flushes = world.machine.counters[Event.TLB_FLUSH_GLOBAL]
+    assert world.ext(MmuextCmd.TLB_FLUSH_LOCAL) == 0
+    assert not cached(world, 0x1000)
+    assert world.machine.counters[Event.TLB_FLUSH_GLOBAL] == flushes + 1
+
+
+def test_new_baseptr_drops_global_entries(world: PvWorld) -> None:
+    """``write_ptbase`` -> ``switch_cr3_cr4`` (flushtlb.c 146-151): with CR4.PGE
+    staying set Xen first writes CR4 with PGE clear, a flush of everything."""
+    global_write(world, 0x1000, DATA)
+    assert world.ext(MmuextCmd.NEW_BASEPTR, world.mfn(L4)) == 0  # a reload of the same base
+    assert not cached(world, 0x1000)
+    assert world.vcpu.mmu.state.cr4 & Cr4.PGE
+
+
+def test_flushes_without_pge_flush_the_non_global_entries(world: PvWorld) -> None:
+    """With CR4.PGE clear (XPTI or global-pages=0) no entry is global: the same
+    flushes drop everything the vCPU cached."""
+    world.vcpu.mmu.state = replace(world.vcpu.mmu.state, cr4=world.vcpu.mmu.state.cr4 & ~Cr4.PGE)
+    assert world.map_page(0x1000, DATA, USER_RW | int(PteFlag.G)) == 0
+    assert isinstance(world.vcpu.mmu.store(0x1000, 0), Translation)
+    entry = world.machine.tlb.lookup(0x1000, world.vcpu.vpid, 0)
+    assert entry is not None and not entry.global_page
+    assert world.ext(MmuextCmd.NEW_BASEPTR, world.mfn(L4)) == 0
+    assert not cached(world, 0x1000)
+
+
+# -- 2. domid_t arguments are 16 bits ----------------------------------------------------------------
+def test_mmuext_op_foreigndom_is_truncated_to_domid_t() -> None:
+    """``do_mmuext_op(..., unsigned int foreigndom)`` passes it to
+    ``get_pg_owner(domid_t domid)`` (mm.c 3444, 3485; common/page_alloc.c 2665):
+    only the low 16 bits name the data owner."""
+    world = PvWorld(privileged=True)
+    op = [MmuextOp(MmuextCmd.CLEAR_PAGE, world.mfn(0, world.other))]
+    assert mmuext_op(world.vcpu, op, foreigndom=0x1_0000 | world.other.domid).rc == 0
+    assert mmuext_op(world.vcpu, op, foreigndom=0x5_0000 | DOMID_SELF).rc == neg(Errno.EINVAL)  # a frame of dom 2, not self
+
+
+def test_update_va_mapping_otherdomain_domid_is_domid_t(world: PvWorld) -> None:
+    """``do_update_va_mapping_otherdomain(..., domid_t domid)`` (mm.c 4576-4582):
+    the hypercall argument is truncated to 16 bits."""
+    entry = world.entry(DATA, USER_RW)
+    assert update_va_mapping_otherdomain(world.vcpu, 0x1000, entry, 0, 0x3_0000 | DOMID_SELF) == 0
+    assert world.read(L1, 1) & ~ADJUSTED == entry
+    assert update_va_mapping_otherdomain(world.vcpu, 0x2000, entry, 0, 0x1_0009) == neg(Errno.ESRCH)  # domain 9
+
+
+# -- 4. MMUEXT_SET_LDT's nr_ents is 32 bits ----------------------------------------------------------
+def test_set_ldt_reads_a_32_bit_entry_count(world: PvWorld) -> None:
+    """``unsigned int ents = op.arg2.nr_ents`` (mm.c 3826; public/xen.h struct
+    mmuext_op: ``unsigned int nr_ents`` in the arg2 union): the upper 32 bits of the
+    64-bit slot are not part of it."""
+    assert world.ext(MmuextCmd.SET_LDT, 0x10000, (1 << 32) | 16) == 0
+    assert (world.vcpu.ldt_base, world.vcpu.ldt_ents) == (0x10000, 16)
+    assert world.ext(MmuextCmd.SET_LDT, 0x10001, 1 << 32) == 0  # no entries: the pointer is not checked
+    assert (world.vcpu.ldt_base, world.vcpu.ldt_ents) == (0, 0)
+    assert world.ext(MmuextCmd.SET_LDT, 0x10000, (1 << 40) | 8193) == neg(Errno.EINVAL)
