@@ -24,13 +24,6 @@ def test_every_cell_and_lemma_is_proved(report: proofs.Report) -> None:
     assert len(report.cells) == len(TRANSITIONS) * len(INVARIANTS)
 
 
-def test_the_proof_budget_holds(report: proofs.Report) -> None:
-    """The whole table fits the budget in CPU time (wall time depends on what else
-    the machine runs)."""
-    cpu = sum(c.cpu for c in report.cells) + sum(a.cpu for _, a in report.lemmas)
-    assert cpu < 60
-
-
 def test_unaffected_cells_are_those_rewriting_nothing_read(report: proofs.Report) -> None:
     """A register write touches no memory invariant; a TLB fill leaves the registers
     alone; a context switch touches both the TLB and the registers."""
