@@ -7,14 +7,18 @@ modes (:func:`agree_with_native`, which also checks each mode's invariant after
 every operation). The docstring says what the
 sequence caught. So far every entry comes from the acceptance run of planted bugs:
 each is the minimal sequence that exposed one wrong rule, kept so that the rule stays
-pinned even on runs where the machines' random search goes elsewhere.
+pinned even on runs where the machines' random search goes elsewhere. Later entries
+come from chance failures of ordinary runs (issue 16); their docstrings say so.
 """
 
 from refmodel.arch.access import AccessKind
 from refmodel.guest.ops import Mode
 from refmodel.hv.modes import ModeSpec, standard_specs
-from stateful_support import Fork, GuestOp, GuestRun, Map, Protect, Remap, Touch, Unmap, backend_problems, record_of
+from stateful_support import (
+    Fork, GuestOp, GuestRun, Map, MapTable, Protect, Remap, Touch, Unmap, backend_problems, record_of,
+)
 from test_stateful_domains import DomainsMachine
+from test_stateful_equivalence import EquivalenceMachine
 from test_stateful_mmu import MmuMachine
 from test_stateful_pv import PvMachine
 
@@ -108,3 +112,33 @@ def test_pv_rw_mapping_takes_a_writable_reference() -> None:
     (found by the PV run's frame-table audit)."""
     program: list[GuestOp] = [Map(0, 0, 1, False, False), Protect(0, 0, 1, False), Map(0, 1, 1, True, True)]
     agree_with_native(program, standard_specs(batch_size=2, tagged=False))
+
+
+def test_oos_write_fault_maps_the_table_writable() -> None:
+    """Chance failure of the equivalence machine (issue 16): "shadow: the hidden
+    fault at 0x801000 did not resolve" under shadow-oos. The guest maps its L1 table
+    for 0x800000 writable at 0x801000 (the table holds its own mapping) and the
+    MapTable store already unsynced that L1. A write through the mapping then faults:
+    the frame is out of sync, so not write-protected, and the fault was taken as a
+    hidden one; but its fill re-propagated the leaf as for a read, read-only (the
+    target is a shadowed page table), and the retry faulted again, forever. Xen's
+    ``sh_page_fault`` propagates the leaf with ``ft_demand_write``, which
+    ``_sh_propagate`` maps writable for an out-of-sync target (``mfn_oos_may_write``);
+    refmodel/hv/shadow/backend.py ``_sync_walk`` now does the same. (The earlier
+    write to unmapped 0x803008 sets A in the L2 entry, linking the L1's shadow before
+    the unsync, so no new link resyncs it.)"""
+    state = EquivalenceMachine()
+    state.boot(batch_size=2, self_mapping=True, tagged=False)
+    state.step(op=Map(0, 0, 2, False, False))
+    state.step(op=Touch(0, 0, 0, AccessKind.READ, 484))
+    state.step(op=MapTable(4, 0, 0, False))
+    state.step(op=Touch(4, 3, 8, AccessKind.WRITE, 3960209))
+    state.step(op=MapTable(4, 1, 2, True))
+    state.every_mode_is_safe()
+    state.guest_sees_the_same_everywhere()
+    state.hardware_grants_no_more_than_the_guest()
+    state.step(op=Touch(4, 1, 0, AccessKind.WRITE, 18_446_744_073_709_551_614))
+    state.every_mode_is_safe()
+    state.guest_sees_the_same_everywhere()
+    state.hardware_grants_no_more_than_the_guest()
+    state.teardown()

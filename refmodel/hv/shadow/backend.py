@@ -234,14 +234,15 @@ class ShadowBackend(MmuBackend):
             self.flush_vcpu_tlb()
         return page
 
-    def validate_entry(self, gfn: GFN, index: int) -> None:
+    def validate_entry(self, gfn: GFN, index: int, demand_write: bool = False) -> None:
         """Re-propagate entry ``index`` of guest frame ``gfn`` into each of its
-        shadows (Xen ``sh_validate_guest_entry``)."""
+        shadows (Xen ``sh_validate_guest_entry``); ``demand_write``: see
+        :meth:`propagate`."""
         flush = False
         for level in sorted(self.shadows.levels_of(gfn)):
             page = self.shadows.lookup(gfn, level)
             assert page is not None
-            flush |= self.propagate(page, index)
+            flush |= self.propagate(page, index, demand_write=demand_write)
         if flush:
             self.flush_vcpu_tlb()
 
@@ -425,7 +426,7 @@ class ShadowBackend(MmuBackend):
           returns None and the guest retries.
         """
         result = walk(self.guest_mem, self.guest_context(), va, access)
-        self._sync_walk(result.entry_addrs)
+        self._sync_walk(result.entry_addrs, demand_write=access.kind is AccessKind.WRITE)
         outcome = result.outcome
         if isinstance(outcome, PageFault):
             self.vm_exit(ExitReason.PAGE_FAULT)
@@ -446,13 +447,20 @@ class ShadowBackend(MmuBackend):
         self.counters.add(Event.SHADOW_FILL)
         return None
 
-    def _sync_walk(self, entry_addrs: list[int]) -> None:
+    def _sync_walk(self, entry_addrs: list[int], demand_write: bool) -> None:
         """Propagate each guest entry a walk read (top level first) into every shadow
-        of its table — the walk's table at its level is shadowed if it was not yet."""
+        of its table — the walk's table at its level is shadowed if it was not yet.
+
+        ``demand_write`` (the fault was a write) propagates the leaf as Xen's
+        ``sh_page_fault`` does with ``ft_demand_write``: a target L1 that is already
+        out of sync is mapped writable (``_sh_propagate``: ``mfn_oos_may_write``).
+        Propagated as for a read, that leaf stays read-only; the frame, out of sync,
+        is not write-protected, so the fault counts as hidden and the retry faults
+        again without end (issue 16; test_oos_write_fault_maps_the_table_writable)."""
         for level, gpa in zip(WALK_LEVELS, entry_addrs):
             gfn = GFN(frame_of(gpa))
             self.shadow_of(gfn, level)
-            self.validate_entry(gfn, page_offset(gpa) // ENTRY_SIZE)
+            self.validate_entry(gfn, page_offset(gpa) // ENTRY_SIZE, demand_write=demand_write and level is Level.L1)
 
     def _sync_leaf_for_write(self, l1e_gpa: int) -> None:
         """Out-of-sync mode: map the just-unsynced L1 frame writable in the shadow
