@@ -159,8 +159,9 @@ def mod_l1_entry(v: PvVcpu, maddr: int, new: int, table: MFN, preserve_ad: bool,
             update_entry(v, maddr, new, preserve_ad)
             return 0
         rc = get_page_from_l1e(v.frames, new, v.domain, pg_owner)
-        if rc:
+        if rc < 0:
             return rc
+        new ^= rc  # I/O memory: "l1e_flip_flags(nl1e, rc)"
     update_entry(v, maddr, new, preserve_ad)
     put_page_from_l1e(v.frames, old)
     return 0
