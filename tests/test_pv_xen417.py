@@ -14,7 +14,7 @@ from refmodel.arch.types import PAGE_SHIFT
 from refmodel.hv.pv import Errno, MmuextCmd, MmuextOp, MmuUpdate, PvStat, PvVcpu, neg
 from refmodel.hv.pv.hypercall import mmu_update, mmuext_op, update_va_mapping_otherdomain
 from refmodel.hv.pv.pteflags import PTE_ADDR_BITS
-from test_pv_support import DATA, L1, L4, USER_RO, USER_RW, PvWorld, audit
+from test_pv_support import DATA, L1, L2, L4, TABLE, USER_RO, USER_RW, PvWorld, audit
 
 #: Bits Xen may add to a guest's entry as it stores it (``adjust_guest_l1e``: G, and
 #: ``_PAGE_GUEST_KERNEL``); a test comparing a stored entry ignores them.
@@ -191,3 +191,40 @@ def test_iomem_mapping_in_a_validated_l1_is_flipped() -> None:
     world.machine.mem.write_u64(world.maddr(L1, 1), mmio_entry(world, mmio, USER_RO))
     assert world.pin(L1, Level.L1) == 0
     assert world.read(L1, 1) & ~ADJUSTED == mmio_entry(world, mmio, USER_RO | int(PteFlag.PWT | PteFlag.PCD))
+
+
+# -- 5. the old target of an L2..L4 entry is put after the batch's flush --------------------------------
+L1B = 5  #: a second L1 table (a free guest frame below DATA)
+
+
+def test_old_upper_target_is_put_after_the_flush(world: PvWorld) -> None:
+    """``mod_l2_entry`` puts the old target with ``PTF_defer`` (mm.c 2309):
+    ``put_pt_page`` only records it in ``old_guest_table`` (1256-1261); the next
+    loop iteration of ``do_mmu_update`` sees it and stops with -ERESTART
+    (4050-4054), the invocation ends with its ``flush_linear_pt`` flush (4306-4330)
+    and the continuation begins with ``put_old_guest_table`` (3997, 3166-3194). So
+    the old L1's last type reference goes *after* the flush: its
+    ``tlbflush_timestamp`` is newer than the flush, and making it writable later
+    flushes again (``_get_page_type``'s ``tlbflush_filter``)."""
+    assert world.update(L2, 0, world.entry(L1B, TABLE)) == 0
+    assert world.state(L1).count == 0
+    flushes = world.ft.stats[PvStat.TYPE_CHANGE_FLUSH]
+    assert world.update(L1B, 1, world.entry(L1, USER_RW)) == 0  # the old L1 becomes writable
+    assert world.ft.stats[PvStat.TYPE_CHANGE_FLUSH] == flushes + 1
+
+
+def test_each_deferred_put_ends_an_invocation_with_its_flush(world: PvWorld) -> None:
+    """Each L2..L4 change that defers a put splits the batch (mm.c 4050-4054, 4267-4281):
+    two such changes in one mmu_update are two flushes; a change that replaces a
+    non-present entry defers nothing."""
+    assert world.update(L2, 1, world.entry(L1B, TABLE)) == 0  # links: nothing to put
+    flushes = world.machine.counters[Event.TLB_FLUSH_GLOBAL]
+    result = world.updates([(L2, 0, 0), (L2, 1, 0)])  # both unlink a table: two deferred puts
+    assert (result.rc, result.done) == (0, 2)
+    assert world.machine.counters[Event.TLB_FLUSH_GLOBAL] == flushes + 2
+    assert world.vcpu.old_guest_table is None
+    assert world.state(L1).count == 0 and world.state(L1B).count == 0
+    flushes = world.machine.counters[Event.TLB_FLUSH_GLOBAL]
+    result = world.updates([(L2, 0, world.entry(L1, TABLE)), (L2, 1, world.entry(L1B, TABLE))])
+    assert world.machine.counters[Event.TLB_FLUSH_GLOBAL] == flushes + 1
+    assert not audit(world.ft, [world.vcpu])

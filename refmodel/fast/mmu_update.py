@@ -46,6 +46,8 @@ What is vectorized, honestly:
    stores into frames that are not L1 tables in use, a second write to an entry
    within a run, and a type change that would need a TLB flush
    (``flush_for_type_change``: the flush clock moves, and later stamps with it).
+   An L2-L4 update that defers the put of its old target ends an invocation as
+   in the slow path (``end_invocation``: the flush, then the put).
    After each such request the screening resumes on the state it left.
 
 A run is screened over a window of requests: the whole list at first (up to
@@ -70,7 +72,7 @@ from ..errors import RefmodelError
 from ..hv.machine import DOMID_SELF, Domain
 from ..hv.pv.abi import MMU_CMD_MASK, BatchResult, MmuCmd, MmuUpdate, domid_t
 from ..hv.pv.errno import Errno, neg
-from ..hv.pv.mmu_update import mmu_update_one
+from ..hv.pv.mmu_update import end_invocation, mmu_update_one
 from ..hv.pv.pagetype import INVALID_MFN, FrameTable, PageType, PvStat, cache_flush_permitted
 from ..hv.pv.pteflags import FASTPATH_FLAG_WHITELIST, PTE_ADDR_BITS, PTE_FLAG_BITS, l1_disallow_mask
 from ..hv.pv.vcpu import PvVcpu, get_pg_owner, xsm_target_allowed
@@ -164,6 +166,8 @@ def mmu_update_batch(
             break
         done += 1
         upper_changed |= level is not None and level is not Level.L1
+        if v.old_guest_table is not None:  # a deferred put: the invocation ends here
+            upper_changed = end_invocation(v, upper_changed)
         i += 1
     else:
         if first_static < limit:
