@@ -26,8 +26,22 @@ and each such change ends an invocation with its own flush. The model runs the
 continuation at once (:func:`end_invocation`); the extra trap the re-entry costs the
 guest is not counted.
 
-Not modelled: preemption and continuations (a batch always runs to completion), a
-foreign page-table owner (``foreigndom >> 16``), translated (HVM) data owners.
+Not modelled (xen/arch/x86/mm.c of Xen 4.17): preemption (``hypercall_preempt_check``,
+4050) and the continuations it makes — a batch always runs to completion; a foreign
+page-table owner (``foreigndom >> 16``, 4029-4041); translated (HVM) data owners
+(2166-2199); the rewriting of stored entries (``adjust_guest_l1e`` ..
+``adjust_guest_l4e``, xen/arch/x86/pv/mm.h 89-140, applied at 2201 and in
+mod_l2/l3/l4_entry): the model stores what the guest wrote; the L1TF check of
+non-present entries (``pv_l1tf_check_l1e`` .. ``_l4e``, 2237, 2301, 2364, 2426:
+-ERESTART and shadow activation; off by default for dom0, ``opt_pv_l1tf_hwdom``,
+xen/arch/x86/spec_ctrl.c 457-477); the XPTI root-table resync
+(``flush_root_pt_local``/``_others``, ``FLUSH_ROOT_PGTBL``, 4172, 4184, 4306-4330);
+the XSM device-model clause (``XSM_DM_PRIV``, xen/include/xsm/dummy.h 93-96); the
+writable-page-table emulation (``pv_ro_page_fault`` / ``ptwr_do_page_fault``,
+xen/arch/x86/pv/ro-page-fault.c 279-381, entered from ``fixup_page_fault``,
+xen/arch/x86/traps.c 1582-1598, for ``VMASST_writable_pagetables`` and for the
+hardware domain's ``mmio_ro`` case): a guest's write to its read-only page table
+faults.
 """
 
 from collections.abc import Sequence

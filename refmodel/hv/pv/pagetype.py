@@ -30,6 +30,15 @@ owner's) ``iomem_caps`` — no type reference, and made uncachable as Xen does w
 ``mmio-relax`` off; frames in ``mmio_ro_ranges`` (Xen forces their mappings
 read-only, flipping RW) and ``DOMID_IO`` ownership are not modelled; the
 segment-descriptor type exists but no operation takes it.
+
+Also not modelled (xen/arch/x86/mm.c of Xen 4.17): ``_PAGE_NX`` is always allowed
+(``base_disallow_mask`` allows it only when the CPU has NX, 291-297); the
+cache-attribute refusal for Xen heap pages (-EACCES, 1018-1026) and
+``_PGT_non_coherent`` tracking (1028-1036); IOMMU maps and unmaps on type changes
+(``need_iommu_pt_sync``, 2474, 3067); the type-count overflow check (-EINVAL, 2900);
+``pv-linear-pt=false`` (677-690: linear page tables are always allowed here); the
+rewriting of validated entries (``adjust_guest_lNe`` in ``promote_lN_table``, 1359,
+1503, 1557, 1588, 1824); the L1TF check during validation (1338, 1444, 1565, 1767).
 """
 
 import enum
