@@ -10,7 +10,8 @@ writable frame, and a filled TLB; domain 2 has a vCPU too. Then one request list
 
 - mostly L1 updates of entries in frames 4 and 5 (a few slots, so entries repeat):
   own data frames RW or RO, page-table frames (RW: -EBUSY), frame 6, foreign
-  frames, DOMID_XEN frames, frames that are not RAM (-EPERM), disallowed flags
+  frames, DOMID_XEN frames, frames that are not RAM (-EPERM, or I/O memory the
+  domains may map when the example gives them some; INVALID_MFN: -EINVAL), disallowed flags
   (PAT, PCD, PWT), allowed ones (G, NX, AVAIL), not present, whitelisted changes of
   the entry already there (the fast path), with commands 0, 2 (PRESERVE_AD) and 3;
 - L2-L4 updates (linking and unlinking L1s, Xen's L4 slots), plain writes to data
@@ -40,7 +41,7 @@ from refmodel.fast.mmu_update import FastBatchResult, do_mmu_update_fast, mmu_up
 from refmodel.hv.machine import DOMID_SELF
 from refmodel.hv.pv import BatchResult, Errno, MmuCmd, MmuextCmd, MmuUpdate, PageType, PvStat, PvVcpu, neg
 from refmodel.hv.pv.mmu_update import do_mmu_update
-from refmodel.hv.pv.pagetype import PageInfo
+from refmodel.hv.pv.pagetype import INVALID_MFN, PageInfo
 from test_pv_support import DATA, L1, L2, L3, L4, TABLE, USER_RO, USER_RW, PvWorld
 
 L1B, L1C = 5, 6  #: a second L1 in use; an L1 pinned and unpinned (stamped)
@@ -72,12 +73,15 @@ class Spec:
     extra_count: int
     mode: int  #: 0: valid L1 updates (long runs); 1: any L1 updates; 2: anything
     requests: tuple[int, ...]  #: one integer per request, decoded by :func:`request`
+    iomem: bool  #: both domains may map the I/O memory frames nr_frames..nr_frames+7
 
 
 def build(spec: Spec) -> PvWorld:
     """The machine of an example, built the same way every time."""
     w = PvWorld(privileged=spec.privileged)
     w.other.privileged = spec.other_privileged
+    if spec.iomem:
+        w.dom.iomem_caps = w.other.iomem_caps = ((w.machine.nr_frames, w.machine.nr_frames + 7),)
     PvVcpu(w.machine, w.other, vpid=3)
     w.build_tree()
     assert w.update(L2, 1, w.entry(L1B, TABLE)) == 0
@@ -113,7 +117,7 @@ def request(w: PvWorld, code: int, mode: int) -> MmuUpdate:
         elif where == 6:
             frame = w.mfn(c.pick(4), w.other)
         elif where == 7:
-            frame = (XEN_FRAME, w.machine.nr_frames + 3)[c.pick(2)]
+            frame = (XEN_FRAME, w.machine.nr_frames + 3, w.machine.nr_frames + 9, INVALID_MFN)[c.pick(4)]
         elif where == 8:  # whitelisted changes of what was pre-mapped there (the fast path)
             flips = (int(PteFlag.A), int(PteFlag.D), int(PteFlag.US), XD, 1 << 9, 1 << 60, G)[c.pick(7)]
             return MmuUpdate.pt_update(w.maddr(table, slot), w.read(table, slot) ^ flips,
@@ -147,7 +151,7 @@ def specs(draw: st.DrawFn, max_n: int = 180) -> Spec:
     mode = draw(st.integers(0, 2))
     n = draw(st.integers(0, max_n if mode == 0 else max_n // 3))
     codes = tuple(draw(st.integers(0, (1 << 64) - 1)) for _ in range(n))
-    return Spec(draw(st.booleans()), draw(st.booleans()), foreigndom, extra, mode, codes)
+    return Spec(draw(st.booleans()), draw(st.booleans()), foreigndom, extra, mode, codes, draw(st.booleans()))
 
 
 # -- the comparison --------------------------------------------------------------------------
@@ -222,7 +226,7 @@ def test_fast_mmu_update_equals_do_mmu_update(spec: Spec) -> None:
 
 
 def plain_spec(mode: int = 0) -> Spec:
-    return Spec(False, False, DOMID_SELF, 0, mode, ())
+    return Spec(False, False, DOMID_SELF, 0, mode, (), False)
 
 
 def run_reqs(reqs_of: Callable[[PvWorld], list[MmuUpdate]], spec: Spec | None = None) -> tuple[BatchResult, FastBatchResult, PvWorld]:

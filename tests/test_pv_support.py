@@ -120,7 +120,7 @@ def implied_type_counts(ft: FrameTable, vcpus: list[PvVcpu]) -> dict[int, int]:
     """The type count every frame should have, recomputed from scratch: one per
     reference an entry of a validated page table holds (an RW L1 entry on its target,
     a present L2..L4 entry on a table other than its own), one per pin, one per base
-    pointer."""
+    pointer. An L1 entry mapping I/O memory (a frame that is not RAM) holds none."""
     expected: dict[int, int] = {}
 
     def add(mfn: int) -> None:
@@ -138,7 +138,7 @@ def implied_type_counts(ft: FrameTable, vcpus: list[PvVcpu]) -> dict[int, int]:
                 continue
             target = entry_mfn(entry)
             if level is Level.L1:
-                if entry & PteFlag.RW:
+                if entry & PteFlag.RW and ft.machine.frame_exists(target):
                     add(target)
             elif target != mfn:
                 add(target)

@@ -10,9 +10,11 @@ from refmodel.arch.control import Cr4
 from refmodel.arch.pte import Level, PteFlag
 from refmodel.arch.walk import Translation
 from refmodel.hv.machine import DOMID_SELF
-from refmodel.hv.pv import Errno, MmuextCmd, MmuextOp, PvStat, PvVcpu, neg
-from refmodel.hv.pv.hypercall import mmuext_op, update_va_mapping_otherdomain
-from test_pv_support import DATA, L1, L4, USER_RW, PvWorld, audit
+from refmodel.arch.types import PAGE_SHIFT
+from refmodel.hv.pv import Errno, MmuextCmd, MmuextOp, MmuUpdate, PvStat, PvVcpu, neg
+from refmodel.hv.pv.hypercall import mmu_update, mmuext_op, update_va_mapping_otherdomain
+from refmodel.hv.pv.pteflags import PTE_ADDR_BITS
+from test_pv_support import DATA, L1, L2, L4, TABLE, USER_RO, USER_RW, PvWorld, audit
 
 #: Bits Xen may add to a guest's entry as it stores it (``adjust_guest_l1e``: G, and
 #: ``_PAGE_GUEST_KERNEL``); a test comparing a stored entry ignores them.
@@ -125,3 +127,104 @@ def test_set_ldt_reads_a_32_bit_entry_count(world: PvWorld) -> None:
     assert world.ext(MmuextCmd.SET_LDT, 0x10001, 1 << 32) == 0  # no entries: the pointer is not checked
     assert (world.vcpu.ldt_base, world.vcpu.ldt_ents) == (0, 0)
     assert world.ext(MmuextCmd.SET_LDT, 0x10000, (1 << 40) | 8193) == neg(Errno.EINVAL)
+
+
+# -- 3. frames that are not RAM: I/O memory permission, INVALID_MFN ----------------------------------
+INVALID_MFN_ENTRY = PTE_ADDR_BITS | int(PteFlag.P)  #: address bits all ones (``PADDR_MASK >> PAGE_SHIFT``)
+
+
+def mmio_entry(world: PvWorld, mfn: int, flags: int) -> int:
+    assert not world.machine.frame_exists(mfn)
+    return (mfn << PAGE_SHIFT) | flags
+
+
+def test_invalid_mfn_entry_is_einval(world: PvWorld) -> None:
+    """``get_page_from_l1e`` (mm.c 897-906): a frame the data owner may not access
+    is -EPERM, except INVALID_MFN (``mfn == PADDR_MASK >> PAGE_SHIFT``) -> -EINVAL."""
+    assert world.update(L1, 1, INVALID_MFN_ENTRY) == neg(Errno.EINVAL)
+    assert world.update(L1, 1, mmio_entry(world, 0x100000, USER_RW)) == neg(Errno.EPERM)
+    assert world.read(L1, 1) == 0
+
+
+def test_iomem_permitted_frame_is_mapped_without_a_type_reference(world: PvWorld) -> None:
+    """A frame that is not RAM, inside the data owner's ``iomem_caps``
+    (``iomem_access_permitted``, mm.c 897): accepted, no type reference taken; with
+    ``opt_mmio_relax`` off a write-back mapping is made uncachable — the flip
+    PWT|PCD that ``mod_l1_entry`` applies (mm.c 923-938, 962-972, 2221-2225)."""
+    mmio = 0x100000
+    world.dom.iomem_caps = ((mmio, mmio + 15),)
+    assert world.update(L1, 1, mmio_entry(world, mmio + 3, USER_RW)) == 0
+    assert world.read(L1, 1) & ~ADJUSTED == mmio_entry(world, mmio + 3, USER_RW | int(PteFlag.PWT | PteFlag.PCD))
+    assert world.ft.state(mmio + 3).count == 0
+    wt = USER_RW | int(PteFlag.PWT)  # write-through -> PCD added (UC)
+    assert world.update(L1, 2, mmio_entry(world, mmio + 4, wt)) == 0
+    assert world.read(L1, 2) & ~ADJUSTED == mmio_entry(world, mmio + 4, wt | int(PteFlag.PCD))
+    uc = USER_RW | int(PteFlag.PWT | PteFlag.PCD)  # already uncachable: no flip
+    assert world.update(L1, 3, mmio_entry(world, mmio + 5, uc)) == 0
+    assert world.read(L1, 3) & ~ADJUSTED == mmio_entry(world, mmio + 5, uc)
+    assert world.update(L1, 4, mmio_entry(world, mmio + 16, USER_RW)) == neg(Errno.EPERM)  # outside the range
+    assert world.update(L1, 4, INVALID_MFN_ENTRY) == neg(Errno.EINVAL)
+    assert world.update(L1, 1, 0) == 0  # unmapping drops no reference
+    assert not audit(world.ft, [world.vcpu])
+
+
+def test_iomem_of_the_data_owner_needs_the_page_table_owner_permitted_too() -> None:
+    """mm.c 909-921: with a foreign data owner, the page-table owner must also be
+    permitted the frame."""
+    world = PvWorld(privileged=True)
+    world.build_tree()
+    mmio = 0x100000
+    world.other.iomem_caps = ((mmio, mmio),)
+    req = [MmuUpdate.pt_update(world.maddr(L1, 1), mmio_entry(world, mmio, USER_RO))]
+    assert mmu_update(world.vcpu, req, foreigndom=world.other.domid).rc == neg(Errno.EPERM)
+    world.dom.iomem_caps = ((0, mmio),)
+    assert mmu_update(world.vcpu, req, foreigndom=world.other.domid).rc == 0
+    assert mmu_update(world.vcpu, [MmuUpdate.pt_update(world.maddr(L1, 2), INVALID_MFN_ENTRY)]).rc == neg(Errno.EINVAL)
+
+
+def test_iomem_mapping_in_a_validated_l1_is_flipped() -> None:
+    """``promote_l1_table`` (mm.c 1350-1359) applies the same flip to the entries of
+    a table it validates."""
+    world = PvWorld()
+    mmio = 0x100000
+    world.dom.iomem_caps = ((mmio, mmio),)
+    world.machine.mem.write_u64(world.maddr(L1, 1), mmio_entry(world, mmio, USER_RO))
+    assert world.pin(L1, Level.L1) == 0
+    assert world.read(L1, 1) & ~ADJUSTED == mmio_entry(world, mmio, USER_RO | int(PteFlag.PWT | PteFlag.PCD))
+
+
+# -- 5. the old target of an L2..L4 entry is put after the batch's flush --------------------------------
+L1B = 5  #: a second L1 table (a free guest frame below DATA)
+
+
+def test_old_upper_target_is_put_after_the_flush(world: PvWorld) -> None:
+    """``mod_l2_entry`` puts the old target with ``PTF_defer`` (mm.c 2309):
+    ``put_pt_page`` only records it in ``old_guest_table`` (1256-1261); the next
+    loop iteration of ``do_mmu_update`` sees it and stops with -ERESTART
+    (4050-4054), the invocation ends with its ``flush_linear_pt`` flush (4306-4330)
+    and the continuation begins with ``put_old_guest_table`` (3997, 3166-3194). So
+    the old L1's last type reference goes *after* the flush: its
+    ``tlbflush_timestamp`` is newer than the flush, and making it writable later
+    flushes again (``_get_page_type``'s ``tlbflush_filter``)."""
+    assert world.update(L2, 0, world.entry(L1B, TABLE)) == 0
+    assert world.state(L1).count == 0
+    flushes = world.ft.stats[PvStat.TYPE_CHANGE_FLUSH]
+    assert world.update(L1B, 1, world.entry(L1, USER_RW)) == 0  # the old L1 becomes writable
+    assert world.ft.stats[PvStat.TYPE_CHANGE_FLUSH] == flushes + 1
+
+
+def test_each_deferred_put_ends_an_invocation_with_its_flush(world: PvWorld) -> None:
+    """Each L2..L4 change that defers a put splits the batch (mm.c 4050-4054, 4267-4281):
+    two such changes in one mmu_update are two flushes; a change that replaces a
+    non-present entry defers nothing."""
+    assert world.update(L2, 1, world.entry(L1B, TABLE)) == 0  # links: nothing to put
+    flushes = world.machine.counters[Event.TLB_FLUSH_GLOBAL]
+    result = world.updates([(L2, 0, 0), (L2, 1, 0)])  # both unlink a table: two deferred puts
+    assert (result.rc, result.done) == (0, 2)
+    assert world.machine.counters[Event.TLB_FLUSH_GLOBAL] == flushes + 2
+    assert world.vcpu.old_guest_table is None
+    assert world.state(L1).count == 0 and world.state(L1B).count == 0
+    flushes = world.machine.counters[Event.TLB_FLUSH_GLOBAL]
+    result = world.updates([(L2, 0, world.entry(L1, TABLE)), (L2, 1, world.entry(L1B, TABLE))])
+    assert world.machine.counters[Event.TLB_FLUSH_GLOBAL] == flushes + 1
+    assert not audit(world.ft, [world.vcpu])

@@ -26,8 +26,10 @@ What is vectorized, honestly:
      and a writable reference on a table in use fails;
    - the old entry of each request is the entry before the run (no entry twice);
    - the flag whitelist (``l1_disallow_mask``), the fast-path test
-     (``l1e_has_changed``), MMIO (-EPERM) and the owner of the mapped frame
-     (-EBUSY) are functions of the request and the ownership;
+     (``l1e_has_changed``), MMIO without I/O memory permission (-EPERM; -EINVAL
+     for INVALID_MFN) and the owner of the mapped frame (-EBUSY) are functions of
+     the request and the ownership; a permitted I/O memory mapping goes to the
+     slow path;
    - taking a writable reference fails (-EBUSY) exactly when the target's type
      count is > 0 with another type *before the run*: in a run no target's type
      can become anything but writable, and a writable type stays writable.
@@ -44,6 +46,8 @@ What is vectorized, honestly:
    stores into frames that are not L1 tables in use, a second write to an entry
    within a run, and a type change that would need a TLB flush
    (``flush_for_type_change``: the flush clock moves, and later stamps with it).
+   An L2-L4 update that defers the put of its old target ends an invocation as
+   in the slow path (``end_invocation``: the flush, then the put).
    After each such request the screening resumes on the state it left.
 
 A run is screened over a window of requests: the whole list at first (up to
@@ -68,8 +72,8 @@ from ..errors import RefmodelError
 from ..hv.machine import DOMID_SELF, Domain
 from ..hv.pv.abi import MMU_CMD_MASK, BatchResult, MmuCmd, MmuUpdate, domid_t
 from ..hv.pv.errno import Errno, neg
-from ..hv.pv.mmu_update import mmu_update_one
-from ..hv.pv.pagetype import FrameTable, PageType, PvStat, cache_flush_permitted
+from ..hv.pv.mmu_update import end_invocation, mmu_update_one
+from ..hv.pv.pagetype import INVALID_MFN, FrameTable, PageType, PvStat, cache_flush_permitted
 from ..hv.pv.pteflags import FASTPATH_FLAG_WHITELIST, PTE_ADDR_BITS, PTE_FLAG_BITS, l1_disallow_mask
 from ..hv.pv.vcpu import PvVcpu, get_pg_owner, xsm_target_allowed
 from .snapshot import LE_U64, WORDS_PER_FRAME
@@ -162,6 +166,8 @@ def mmu_update_batch(
             break
         done += 1
         upper_changed |= level is not None and level is not Level.L1
+        if v.old_guest_table is not None:  # a deferred put: the invocation ends here
+            upper_changed = end_invocation(v, upper_changed)
         i += 1
     else:
         if first_static < limit:
@@ -294,6 +300,14 @@ def screen_run(v: PvVcpu, pg_owner: Domain, ptr: U64, val: U64, start: int, stop
     transfer = pg_owner is not v.domain and pg_owner.privileged  # a privileged data owner's grant
     owner_ok = (owner == pg_owner.domid) | (transfer & np.isin(owner, list(machine.domains)))
     mmio = checked & ~exists
+    # I/O memory the data owner and the caller may map: rare, left to the slow path
+    iomem_ok = np.zeros(n, dtype=np.bool_)
+    if pg_owner.iomem_caps and v.domain.iomem_caps and mmio.any():
+        iomem_ok[mmio] = [
+            pg_owner.iomem_access_permitted(m, m) and v.domain.iomem_access_permitted(m, m)
+            for m in (int(x) for x in target[mmio].tolist())
+        ]
+    mmio_refused = mmio & ~iomem_ok
     foreign = checked & exists & ~owner_ok
     wants_rw = checked & exists & owner_ok & ((new & _RW) != 0)
     got, x_of = np.unique(target[wants_rw], return_inverse=True)
@@ -303,11 +317,13 @@ def screen_run(v: PvVcpu, pg_owner: Domain, ptr: U64, val: U64, start: int, stop
     busy[wants_rw] = x_busy[x_of]
     error = np.zeros(n, dtype=np.int64)
     error[bad_flags] = _EINVAL
-    error[mmio] = _EPERM
+    error[mmio_refused] = _EPERM
+    error[mmio_refused & (target == np.uint64(INVALID_MFN))] = _EINVAL  # INVALID_MFN
     error[foreign | busy] = _EBUSY
     gets = wants_rw & ~busy
     # what the array pass leaves to the slow path
     slow = is_pt & ~l1
+    slow |= iomem_ok
     slow |= repeat
     x_flush = x_state.flush_on_type_change & (x_state.count == 0) & (x_state.type != _T_WRITABLE)
     x_odd = (x_state.type == _T_WRITABLE) & (x_state.count > 0) & ~x_state.validated

@@ -37,6 +37,11 @@ class Domain:
     domid: DomId
     p2m: dict[GFN, MFN] = field(default_factory=dict)
     privileged: bool = False  #: dom0-like: may name another domain as data owner
+    #: ``d->iomem_caps``: the machine frames that are not RAM (I/O memory) the domain
+    #: may map, as inclusive ``(first, last)`` ranges; none by default. Xen's dom0 gets
+    #: everything below ``1 << domain_max_paddr_bits`` minus Xen's own ranges
+    #: (``dom0_setup_permissions``, xen/arch/x86/dom0_build.c).
+    iomem_caps: tuple[tuple[int, int], ...] = ()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "Domain":
         """The P2M holds only numbers: a shallow copy of it is a deep one (and a
@@ -50,6 +55,11 @@ class Domain:
     def mfn_of(self, gfn: int) -> MFN | None:
         """P2M lookup: the machine frame backing ``gfn``, or None if unbacked."""
         return self.p2m.get(GFN(gfn))
+
+    def iomem_access_permitted(self, first: int, last: int) -> bool:
+        """``iomem_access_permitted(d, s, e)``: frames ``first..last`` lie in one of
+        the domain's I/O memory ranges (``rangeset_contains_range``)."""
+        return any(lo <= first and last <= hi for lo, hi in self.iomem_caps)
 
     @property
     def nr_pages(self) -> int:

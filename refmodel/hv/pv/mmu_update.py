@@ -15,8 +15,33 @@ After a batch in which some L2..L4 entry changed, Xen flushes once ("flush_linea
 requires a FLUSH_TLB to all dirty CPUs"), because the guest's linear page-table
 mappings may cache the old structure.
 
-Not modelled: preemption and continuations (a batch always runs to completion), a
-foreign page-table owner (``foreigndom >> 16``), translated (HVM) data owners.
+Deferred puts: ``mod_l[234]_entry`` drop the old target's type reference with
+``PTF_defer`` — ``put_pt_page`` only records it in ``curr->arch.old_guest_table``.
+The next iteration of ``do_mmu_update``'s loop finds it set and stops with
+-ERESTART (after the last request, the loop's end does the same): this invocation
+ends — with its flush if an upper level changed — and a continuation re-enters
+``do_mmu_update``, whose first act is ``put_old_guest_table``. So the old target's
+last reference goes *after* the flush (its ``tlbflush_timestamp`` is newer than it)
+and each such change ends an invocation with its own flush. The model runs the
+continuation at once (:func:`end_invocation`); the extra trap the re-entry costs the
+guest is not counted.
+
+Not modelled (xen/arch/x86/mm.c of Xen 4.17): preemption (``hypercall_preempt_check``,
+4050) and the continuations it makes — a batch always runs to completion; a foreign
+page-table owner (``foreigndom >> 16``, 4029-4041); translated (HVM) data owners
+(2166-2199); the rewriting of stored entries (``adjust_guest_l1e`` ..
+``adjust_guest_l4e``, xen/arch/x86/pv/mm.h 89-140, applied at 2201 and in
+mod_l2/l3/l4_entry): the model stores what the guest wrote; the L1TF check of
+non-present entries (``pv_l1tf_check_l1e`` .. ``_l4e``, 2237, 2301, 2364, 2426:
+-ERESTART and shadow activation; off by default for dom0, ``opt_pv_l1tf_hwdom``,
+xen/arch/x86/spec_ctrl.c 457-477); the XPTI root-table resync
+(``flush_root_pt_local``/``_others``, ``FLUSH_ROOT_PGTBL``, 4172, 4184, 4306-4330);
+the XSM device-model clause (``XSM_DM_PRIV``, xen/include/xsm/dummy.h 93-96); the
+writable-page-table emulation (``pv_ro_page_fault`` / ``ptwr_do_page_fault``,
+xen/arch/x86/pv/ro-page-fault.c 279-381, entered from ``fixup_page_fault``,
+xen/arch/x86/traps.c 1582-1598, for ``VMASST_writable_pagetables`` and for the
+hardware domain's ``mmio_ro`` case): a guest's write to its read-only page table
+faults.
 """
 
 from collections.abc import Sequence
@@ -37,7 +62,6 @@ from .pagetype import (
     get_page_type,
     is_guest_l4_slot,
     put_page_from_l1e,
-    put_page_from_upper_entry,
     put_page_type,
 )
 from .pteflags import (
@@ -45,6 +69,7 @@ from .pteflags import (
     FASTPATH_PDE_FLAG_WHITELIST,
     UPPER_DISALLOW_MASK,
     entry_has_changed,
+    entry_mfn,
     l1_disallow_mask,
     present,
 )
@@ -77,9 +102,30 @@ def do_mmu_update(
             break
         done += 1
         upper_changed |= level is not None and level is not Level.L1
+        if v.old_guest_table is not None:
+            upper_changed = end_invocation(v, upper_changed)
     if upper_changed:
         v.frames.flush_domain(v.domain.domid)
     return BatchResult(rc, done)
+
+
+def end_invocation(v: PvVcpu, upper_changed: bool) -> bool:
+    """A put was deferred (``old_guest_table``): ``do_mmu_update`` stops with
+    -ERESTART, ends this invocation — flushing if an upper level changed — and its
+    continuation starts with ``put_old_guest_table``. Returns the new invocation's
+    ``flush_linear_pt`` (false)."""
+    if upper_changed:
+        v.frames.flush_domain(v.domain.domid)
+    put_old_guest_table(v)
+    return False
+
+
+def put_old_guest_table(v: PvVcpu) -> None:
+    """``put_old_guest_table``: drop the deferred type reference, if any."""
+    if v.old_guest_table is not None:
+        page, ptpg = v.old_guest_table
+        v.old_guest_table = None
+        put_page_type(v.frames, page, ptpg=ptpg)
 
 
 def mmu_update_one(v: PvVcpu, req: MmuUpdate, pg_owner: Domain) -> tuple[int, Level | None]:
@@ -159,8 +205,9 @@ def mod_l1_entry(v: PvVcpu, maddr: int, new: int, table: MFN, preserve_ad: bool,
             update_entry(v, maddr, new, preserve_ad)
             return 0
         rc = get_page_from_l1e(v.frames, new, v.domain, pg_owner)
-        if rc:
+        if rc < 0:
             return rc
+        new ^= rc  # I/O memory: "l1e_flip_flags(nl1e, rc)"
     update_entry(v, maddr, new, preserve_ad)
     put_page_from_l1e(v.frames, old)
     return 0
@@ -170,7 +217,8 @@ def mod_upper_entry(v: PvVcpu, maddr: int, new: int, table: MFN, level: Level, p
     """``mod_l2_entry`` / ``mod_l3_entry`` / ``mod_l4_entry``: Xen's own L4 slots are
     refused (-EINVAL); a new present entry must pass the flag check; the fast path
     as for L1 (RW is not whitelisted: linear page tables depend on it); otherwise the
-    new target is referenced (validating it), then the old one released."""
+    new target is referenced (validating it), then the old one released — deferred
+    (``PTF_defer``: :attr:`PvVcpu.old_guest_table`, see the module docstring)."""
     slot = (maddr & ((1 << PAGE_SHIFT) - 1)) // 8
     if level is Level.L4 and not is_guest_l4_slot(slot):
         return neg(Errno.EINVAL)  # "L4 update in Xen-private area"
@@ -186,5 +234,14 @@ def mod_upper_entry(v: PvVcpu, maddr: int, new: int, table: MFN, level: Level, p
         if rc:
             return rc
     update_entry(v, maddr, new, preserve_ad)
-    put_page_from_upper_entry(v.frames, old, table)
+    defer_put_from_upper_entry(v, old, table)
     return 0
+
+
+def defer_put_from_upper_entry(v: PvVcpu, old: int, table: MFN) -> None:
+    """``put_page_from_l[234]e(old, mfn, PTF_defer)`` -> ``put_pt_page``: an entry
+    that held a reference (present, not mapping its own table) leaves it to
+    ``put_old_guest_table``."""
+    if present(old) and entry_mfn(old) != table:
+        assert v.old_guest_table is None, "a second deferred put in one invocation"
+        v.old_guest_table = (MFN(entry_mfn(old)), table)

@@ -20,6 +20,11 @@ the operations completed. The commands:
 
 Every command other than pin/unpin and clear/copy page needs the data owner to be the
 caller (-EPERM).
+
+Not modelled (xen/arch/x86/mm.c of Xen 4.17): preemption (3503) and the
+continuations and deferred puts (``old_guest_table``) it causes in pin, unpin and
+NEW_BASEPTR; the LDT itself (``pv_destroy_ldt`` / ``load_LDT``, 3841-3850); XPTI's
+root-table copy on NEW_BASEPTR; IOMMU side effects of the type changes.
 """
 
 from collections.abc import Callable, Sequence

@@ -14,6 +14,12 @@ pdone, foreigndom)``, ``mmuext_op(ops, count, pdone, foreigndom)``,
 ``update_va_mapping(va, val, flags)``, ``update_va_mapping_otherdomain(va, val,
 flags, domid)``, ``multicall(entries, nr_calls)``; ``pdone`` must be 0 (NULL): the
 model has no guest memory to write the count to.
+
+Not modelled: every other hypercall (the model's table answers -ENOSYS where Xen's
+``call_handlers_pv64`` has a handler); the end of the multicall at ``iret``
+(``arch_do_multicall_call`` returns ``mc_exit``, xen/arch/x86/pv/hypercall.c 125;
+xen/common/multicall.c 88); preemption between entries (``hypercall_preempt_check``,
+multicall.c 56) and the multicall's continuation.
 """
 
 from collections.abc import Sequence

@@ -24,9 +24,21 @@ atomic: a failed validation gives back every reference it took and leaves the fr
 with no type in use (Xen gets there too, for L2..L4 tables through ``PGT_partial``
 and ``old_guest_table`` in a continuation, which may leave the old type at count
 zero where the model writes ``PGT_none``; preemption is not modelled); general reference
-counts (``count_info``) are not modelled, because frames are never freed; no domain
-has I/O memory, so an entry naming a frame that is not RAM is an MMIO attempt Xen
-refuses with -EPERM; the segment-descriptor type exists but no operation takes it.
+counts (``count_info``) are not modelled, because frames are never freed; a frame
+that is not RAM is I/O memory, mapped only with the data owner's (and the page-table
+owner's) ``iomem_caps`` — no type reference, and made uncachable as Xen does with
+``mmio-relax`` off; frames in ``mmio_ro_ranges`` (Xen forces their mappings
+read-only, flipping RW) and ``DOMID_IO`` ownership are not modelled; the
+segment-descriptor type exists but no operation takes it.
+
+Also not modelled (xen/arch/x86/mm.c of Xen 4.17): ``_PAGE_NX`` is always allowed
+(``base_disallow_mask`` allows it only when the CPU has NX, 291-297); the
+cache-attribute refusal for Xen heap pages (-EACCES, 1018-1026) and
+``_PGT_non_coherent`` tracking (1028-1036); IOMMU maps and unmaps on type changes
+(``need_iommu_pt_sync``, 2474, 3067); the type-count overflow check (-EINVAL, 2900);
+``pv-linear-pt=false`` (677-690: linear page tables are always allowed here); the
+rewriting of validated entries (``adjust_guest_lNe`` in ``promote_lN_table``, 1359,
+1503, 1557, 1588, 1824); the L1TF check during validation (1338, 1444, 1565, 1767).
 """
 
 import enum
@@ -38,7 +50,7 @@ from ...arch.pte import Level, PteFlag
 from ...arch.types import ENTRIES_PER_TABLE, ENTRY_SIZE, MFN, PAGE_SHIFT, DomId
 from ..machine import Domain, Machine
 from .errno import Errno, neg
-from .pteflags import UPPER_DISALLOW_MASK, entry_mfn, l1_disallow_mask, present
+from .pteflags import CACHE_ATTRS, PTE_ADDR_BITS, UPPER_DISALLOW_MASK, entry_mfn, l1_disallow_mask, present
 
 
 class PageType(enum.Enum):
@@ -294,6 +306,9 @@ def validate_table(ft: FrameTable, mfn: int, type_: PageType) -> int:
             continue
         if level is Level.L1:
             rc = get_page_from_l1e(ft, entry, owner, owner)
+            if rc > 0:  # promote_l1_table: "l1e_flip_flags(pl1e[i], ret)"
+                write_entry(ft, mfn, slot, entry ^ rc)
+                rc = 0
         else:
             rc = get_page_from_upper_entry(ft, entry, level, mfn, owner)
         if rc:
@@ -336,18 +351,25 @@ def put_page_from_entry(ft: FrameTable, entry: int, level: Level, table: int, ow
 
 # -- L1 entries ------------------------------------------------------------------------------
 def cache_flush_permitted(domain: Domain) -> bool:
-    """``cache_flush_permitted(d)``: the domain has I/O privilege. The model gives it
-    to a privileged (dom0-like) domain."""
-    return domain.privileged
+    """``cache_flush_permitted(d)``: the domain has I/O memory or I/O ports. I/O
+    ports are not modelled: a privileged (dom0-like) domain stands for a domain
+    that has them."""
+    return domain.privileged or bool(domain.iomem_caps)
+
+
+#: ``INVALID_MFN`` as an entry spells it: every address bit set
+#: (``PADDR_MASK >> PAGE_SHIFT``, xen/arch/x86/mm.c ``get_page_from_l1e``).
+INVALID_MFN = PTE_ADDR_BITS >> PAGE_SHIFT
 
 
 def get_page_from_l1e(ft: FrameTable, l1e: int, l1e_owner: Domain, pg_owner: Domain) -> int:
     """``get_page_from_l1e``: may ``l1e_owner`` map this frame, with these flags, on
     behalf of data owner ``pg_owner``? Takes a writable type reference for an RW
-    mapping. 0 or -errno:
+    mapping. 0, -errno, or — for I/O memory — the flags the caller must flip
+    (:func:`get_iomem_from_l1e`):
 
     - a flag outside ``l1_disallow_mask`` -> -EINVAL ("Bad L1 flags");
-    - a frame that is not RAM -> -EPERM ("non-privileged attempt to map MMIO space");
+    - a frame that is not RAM -> :func:`get_iomem_from_l1e`;
     - a frame owned by someone other than the data owner (another domain, Xen, or
       nobody), unless a privileged data owner transfers the right -> -EBUSY
       (``could_not_pin``);
@@ -358,7 +380,7 @@ def get_page_from_l1e(ft: FrameTable, l1e: int, l1e_owner: Domain, pg_owner: Dom
         return neg(Errno.EINVAL)
     mfn = entry_mfn(l1e)
     if not ft.machine.frame_exists(mfn):
-        return neg(Errno.EPERM)
+        return get_iomem_from_l1e(l1e, l1e_owner, pg_owner)
     real_owner = ft.machine.owner_of(mfn)
     if real_owner != pg_owner.domid:
         real_domain = ft.machine.domains.get(real_owner) if real_owner is not None else None
@@ -366,6 +388,28 @@ def get_page_from_l1e(ft: FrameTable, l1e: int, l1e_owner: Domain, pg_owner: Dom
             return neg(Errno.EBUSY)
     if l1e & PteFlag.RW and get_page_type(ft, mfn, PageType.WRITABLE):
         return neg(Errno.EBUSY)  # "Could not get page type PGT_writable_page"
+    return 0
+
+
+def get_iomem_from_l1e(l1e: int, l1e_owner: Domain, pg_owner: Domain) -> int:
+    """The ``!valid || dom_io`` branch of ``get_page_from_l1e`` (xen/arch/x86/mm.c):
+    a frame that is not RAM. The data owner, and a page-table owner other than it,
+    must each be permitted the frame (``iomem_access_permitted``) — else -EPERM
+    ("non-privileged attempt to map MMIO space"), or -EINVAL for INVALID_MFN. No
+    reference is taken. What is returned is the flip (``l1e_flip_flags``) the caller
+    applies: with ``opt_mmio_relax`` off (the default) "MMIO pages must not be
+    mapped cachable unless requested so" — write-back becomes UC (PWT|PCD added),
+    write-through or write-protect gets PCD. ``mmio_ro_ranges`` is taken as empty
+    (Xen flips RW off for a frame in it)."""
+    mfn = entry_mfn(l1e)
+    for domain in (pg_owner, l1e_owner):
+        if not domain.iomem_access_permitted(mfn, mfn):
+            return neg(Errno.EINVAL) if mfn == INVALID_MFN else neg(Errno.EPERM)
+    attrs = l1e & CACHE_ATTRS
+    if attrs == 0:  # WB
+        return int(PteFlag.PWT | PteFlag.PCD)
+    if attrs in (int(PteFlag.PWT), int(PteFlag.PWT | PteFlag.PS)):  # WT, WP (PAT is bit 7)
+        return int(PteFlag.PCD) | (l1e & int(PteFlag.PS))
     return 0
 
 

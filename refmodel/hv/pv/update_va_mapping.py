@@ -9,6 +9,9 @@ exactly as an mmu_update would. The flush (``flags & UVMF_FLUSHTYPE_MASK``) happ
 only if the update succeeded; its scope is ``flags & ~3``: UVMF_LOCAL (0), UVMF_ALL
 (4), or a guest pointer to a vCPU bitmap — one Xen cannot read makes the call return
 -EFAULT, *after* the entry was changed.
+
+Not modelled: what ``mod_l1_entry`` leaves out (:mod:`.mmu_update`: the entry
+rewriting ``adjust_guest_l1e``, the L1TF check), preemption, and translated guests.
 """
 
 from ...account.events import Event

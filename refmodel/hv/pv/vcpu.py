@@ -64,6 +64,9 @@ class PvVcpu:
         self.in_multicall = False  #: ``mc_state.flags & _MCSF_in_multicall``
         self.ldt_base = 0  #: ``arch.pv.ldt_base``
         self.ldt_ents = 0  #: ``arch.pv.ldt_ents``
+        #: ``arch.old_guest_table`` / ``arch.old_guest_ptpg``: a type reference whose
+        #: put is deferred (``PTF_defer``), and the page table whose entry held it.
+        self.old_guest_table: tuple[MFN, MFN] | None = None
         self.frames.register(domain.domid, vpid)
 
     # -- TLB maintenance Xen performs for this vCPU ---------------------------------------
