@@ -80,12 +80,11 @@ TABLE_FLAGS = 0x67
 #: Bits a bit flip may touch: flags 0-11, Xen's AVAIL_HIGH 52-62, NX 63.
 FLIP_BITS = tuple(range(12)) + tuple(range(52, 64))
 
-#: Model fixes still pending (issue 11 item 4; docs/xen-differential.md): while the
+#: A model fix still pending (issue 11 item 4; docs/xen-differential.md): while the
 #: model does not apply Xen's ``adjust_guest_lNe`` rewriting, present entries are
-#: written as fixed points of it (Xen then stores what the guest wrote), and
-#: INVALID_MFN is not named (Xen: -EINVAL, the model: -EPERM). Set to False once the
-#: model has both, so the generator writes every bit pattern again.
-PENDING_MODEL_FIXES = True
+#: written as fixed points of it (Xen then stores what the guest wrote). Set to False
+#: once the model has it, so the generator writes every bit pattern again.
+PENDING_ADJUST_GUEST = True
 _L1_ADJUST = int(PteFlag.US | PteFlag.G)
 _GUEST_KERNEL = 1 << 52
 
@@ -223,7 +222,7 @@ class ProgramGenerator:
         if r < 0.3:
             return FOREIGN_BASE + self.rng.randrange(NR_FOREIGN)
         if r < 0.5:
-            return FAR_FRAME + 16 if PENDING_MODEL_FIXES else INVALID_FRAME
+            return INVALID_FRAME
         if r < 0.65:
             return FAR_FRAME + self.rng.randrange(16)
         return self.rng.choice(self.roles.all())
@@ -265,8 +264,8 @@ class ProgramGenerator:
         return MmuUpdateReq((frame << PAGE_SHIFT) | (slot * 8) | self.cmd_bits(), self.pending(frame, value))
 
     def pending(self, frame: int, value: int) -> int:
-        """The entry as :data:`PENDING_MODEL_FIXES` lets it be written into ``frame``."""
-        if not PENDING_MODEL_FIXES:
+        """The entry as :data:`PENDING_ADJUST_GUEST` lets it be written into ``frame``."""
+        if not PENDING_ADJUST_GUEST:
             return value
         typed = self.page_type(frame)
         level = typed.level if typed is not None else None
@@ -274,10 +273,7 @@ class ProgramGenerator:
             level = Level.L4
         if level is None:
             return value  # not a table in use: a plain write, stored as it is
-        value = xen_fixed_point(value, int(level))
-        if (value & ADDR_BITS) >> PAGE_SHIFT == INVALID_FRAME:
-            value &= ~(1 << PAGE_SHIFT)
-        return value
+        return xen_fixed_point(value, int(level))
 
     # -- requests ------------------------------------------------------------------------------
     def link_req(self) -> MmuUpdateReq | None:
@@ -391,13 +387,13 @@ class ProgramGenerator:
         if self.chance(0.1):
             val = 0
         flags = self.rng.choice((0, 1, 2, 2, 2, 4, 5, 6, MASK_VA | 1, MASK_VA | 2, 3, 7))
-        if PENDING_MODEL_FIXES:
+        if PENDING_ADJUST_GUEST:
             val = xen_fixed_point(val, 1)
         return UpdateVaMapping(va, val, flags)
 
     def scratch_entry(self, frame: int, flags: int) -> int:
         value = (frame << PAGE_SHIFT) | flags
-        return xen_fixed_point(value, 1) if PENDING_MODEL_FIXES else value
+        return xen_fixed_point(value, 1) if PENDING_ADJUST_GUEST else value
 
     # -- operations ----------------------------------------------------------------------------
     def op_mmu_update(self) -> Op | None:
@@ -476,7 +472,7 @@ class ProgramGenerator:
         for i, slot in enumerate(WINDOW_SLOTS):
             l3, l2, l1 = self.roles.l3[i], self.roles.l2[i], self.roles.l1[i]
             pool = self.roles.code if slot == CODE_SLOT else self.roles.data
-            fix = xen_fixed_point if PENDING_MODEL_FIXES else (lambda value, level: value)
+            fix = xen_fixed_point if PENDING_ADJUST_GUEST else (lambda value, level: value)
             reqs = [
                 MmuUpdateReq((SYM_BOOT_L4 << PAGE_SHIFT) | slot * 8, fix((l3 << PAGE_SHIFT) | TABLE_FLAGS, 4)),
                 MmuUpdateReq(l3 << PAGE_SHIFT, fix((l2 << PAGE_SHIFT) | TABLE_FLAGS, 3)),
