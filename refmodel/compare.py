@@ -19,7 +19,7 @@ from .account.costs import CostTable
 from .account.events import Counters, Event, ExitReason
 from .arch.access import AccessKind
 from .arch.types import PAGE_SIZE
-from .guest.kernel import GuestKernel, Observation
+from .guest.kernel import GuestKernel, Observation, PteFlavour
 from .hv.modes import GUEST_FRAMES, ModeSpec, build_backend
 
 #: Where the scenarios map their buffer (an ordinary user address, 2 MiB aligned).
@@ -79,10 +79,13 @@ def remap_setup(pages: int) -> Workload:
     return setup
 
 
-def run_workload(spec: ModeSpec, workload: Workload, setup: Workload | None = None) -> RunResult:
-    """Run one workload under one mode on a fresh machine."""
+def run_workload(
+    spec: ModeSpec, workload: Workload, setup: Workload | None = None, flavour: PteFlavour = PteFlavour.LINUX
+) -> RunResult:
+    """Run one workload under one mode on a fresh machine, the guest writing the
+    A/D flags of ``flavour``."""
     backend = build_backend(spec)
-    kernel = GuestKernel(backend, GUEST_FRAMES)
+    kernel = GuestKernel(backend, GUEST_FRAMES, flavour=flavour)
     pid = kernel.create_process()
     if setup is not None:
         setup(kernel, pid)
@@ -171,7 +174,9 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def run_switch(spec: ModeSpec, working_set: int = 256, rounds: int = 8) -> RunResult:
+def run_switch(
+    spec: ModeSpec, working_set: int = 256, rounds: int = 8, flavour: PteFlavour = PteFlavour.LINUX
+) -> RunResult:
     """Two vCPUs of two domains take turns on one physical CPU; each reads its
     working set and checks its registers after every switch. Native stands in as
     two processes of one OS switching by CR3 (no PCIDs), the classic baseline.
@@ -185,7 +190,7 @@ def run_switch(spec: ModeSpec, working_set: int = 256, rounds: int = 8) -> RunRe
     sched: Scheduler | None = None
     if spec.mode is Mode.NATIVE:
         backend = build_backend(spec)
-        kernel = GuestKernel(backend, GUEST_FRAMES)
+        kernel = GuestKernel(backend, GUEST_FRAMES, flavour=flavour)
         kernels, pids = [kernel, kernel], [kernel.create_process(), kernel.create_process()]
         counters = backend.counters
     else:
@@ -194,7 +199,7 @@ def run_switch(spec: ModeSpec, working_set: int = 256, rounds: int = 8) -> RunRe
         for domid in (1, 2):
             b = build_backend(spec, machine, domid)
             sched.add(domid, b)
-            k = GuestKernel(b, GUEST_FRAMES)
+            k = GuestKernel(b, GUEST_FRAMES, flavour=flavour)
             kernels.append(k)
             pids.append(k.create_process())
         counters = machine.counters
