@@ -14,7 +14,7 @@ from ..compare import (
     seed_workload,
 )
 from ..errors import RefmodelError
-from ..hv.modes import standard_specs
+from ..hv.modes import compare_specs as standard_specs
 
 MAX_PAGES = 4096
 
