@@ -125,3 +125,49 @@ def test_compare_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture
     assert series[1].hypercalls[1] > series[1].hypercalls[0]
     plot(series, out, "test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seed_shadow_with_linux_flags_traps_1028_writes_and_takes_no_hidden_fault(seed: dict[str, RunResult]) -> None:
+    shadow = seed["shadow"].counters
+    assert shadow.exits[ExitReason.PT_WRITE] == 1028  # 1024 leaves + 4 table links
+    assert shadow[Event.VM_EXIT] == 1028
+    assert shadow[Event.SHADOW_FILL] == 0 and shadow.exits[ExitReason.PAGE_FAULT] == 0
+
+
+def test_seed_a_d_clear_guest_shows_the_1024_hidden_faults() -> None:
+    from refmodel.guest.kernel import PteFlavour
+
+    spec = ModeSpec(Mode.SHADOW)
+    shadow = run_workload(spec, seed_workload(PAGES), flavour=PteFlavour.AD_CLEAR).counters
+    assert shadow.exits[ExitReason.PT_WRITE] == 1028
+    assert shadow[Event.SHADOW_FILL] == 1024 and shadow.exits[ExitReason.PAGE_FAULT] == 1024
+    native = run_workload(ModeSpec(Mode.NATIVE), seed_workload(PAGES), flavour=PteFlavour.AD_CLEAR)
+    hap = run_workload(ModeSpec(Mode.HAP), seed_workload(PAGES), flavour=PteFlavour.AD_CLEAR)
+    assert equivalent([native, run_workload(spec, seed_workload(PAGES), flavour=PteFlavour.AD_CLEAR), hap]) == []
+
+
+def test_every_event_has_a_cause_and_the_causes_add_up(seed: dict[str, RunResult]) -> None:
+    from refmodel.account.costs import CAUSE_OF, Cause, CostTable
+    from refmodel.compare import row_for
+
+    assert set(CAUSE_OF) == set(Event)
+    costs = CostTable.default()
+    for r in seed.values():
+        row = row_for(r, costs)
+        assert math.isclose(sum(row.by_cause.values()), row.cycles)
+    shadow = row_for(seed["shadow"], costs).by_cause
+    assert shadow[Cause.EXITS] == 1028 * costs.cost_of(Event.VM_EXIT)
+    assert shadow[Cause.EMULATION] == 1028 * costs.cost_of(Event.EMULATED_PT_WRITE)
+    batched = row_for(seed[f"pv batched ({BATCH})"], costs).by_cause
+    assert batched[Cause.EXITS] == 0 and batched[Cause.HYPERCALLS] > 0.8 * sum(batched.values())
+    hap = row_for(seed["hap"], costs).by_cause
+    assert hap[Cause.WALKS] == 19 * PAGES * costs.cost_of(Event.WALK_REF)
+
+
+def test_compare_cli_prints_the_cost_split_and_takes_the_guest_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--pages", "8", "--scenario", "seed", "--guest", "ad-clear"]) == 0
+    out = capsys.readouterr().out
+    assert "ad-clear guest" in out
+    header = next(line for line in out.splitlines() if line.startswith("cycles by cause"))
+    for cause in ("exits + handling", "emulation", "hypercalls", "flushes", "TLB misses", "world switches", "total"):
+        assert cause in header
