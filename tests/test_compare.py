@@ -115,16 +115,27 @@ def test_compare_cli_rejects_bad_arguments(args: list[str], message: str, capsys
     assert message in err and err.count("\n") == 1
 
 
-def test_compare_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_plot_draws_every_scenario_with_one_style_per_mode(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from refmodel.account.costs import CostTable
-    from refmodel.plot import plot, sweep
+    from refmodel.plot import STYLES, Series, crossover, plot, style_of, sweep_all
 
+    specs = [ModeSpec(Mode.NATIVE), ModeSpec(Mode.PV, batch_size=8), ModeSpec(Mode.HAP)]
+    scenarios = sweep_all(specs, [ModeSpec(Mode.NATIVE, tagged=False)], CostTable.default(),
+                          sizes=(1, 16), remap_sizes=(1, 4), rounds=(1, 2), working_set=8)
+    assert [len(s.series) for s in scenarios] == [3, 3, 1]
+    assert [s.xs for s in scenarios[1].series] == [(1, 4)] * 3 and scenarios[2].series[0].xs == (1, 2)
+    pv = scenarios[0].series[1]
+    assert pv.hypercalls[1] > pv.hypercalls[0] and pv.entries == pv.hypercalls
     out = tmp_path / "p.png"
-    series = sweep([ModeSpec(Mode.NATIVE), ModeSpec(Mode.PV, batch_size=8)], CostTable.default(), sizes=(1, 16))
-    assert series[1].hypercalls[1] > series[1].hypercalls[0]
-    plot(series, out, "test")
+    plot(scenarios, out, "test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    labels = [s.label for s in compare_specs(BATCH)]
+    assert len({style_of(label) for label in labels}) == len(labels)  # one colour/marker/line per mode
+    assert len({style_of(label)[0] for label in labels}) == len(labels) and set(STYLES) < set(labels)
+    a = Series("a", (1, 2, 4), (0, 0, 0), (0, 0, 0), (1.0, 5.0, 9.0))
+    b = Series("b", (1, 2, 4), (0, 0, 0), (0, 0, 0), (2.0, 6.0, 8.0))
+    assert crossover(a, b) == 4 and crossover(b, a) is None
 
 
 def test_seed_shadow_with_linux_flags_traps_1028_writes_and_takes_no_hidden_fault(seed: dict[str, RunResult]) -> None:
