@@ -30,6 +30,7 @@ Where HAP starts costing more than PV batched, each panel says why
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .account.costs import CostTable
 from .account.events import Event
@@ -110,11 +111,32 @@ def _series(spec: ModeSpec, xs: tuple[int, ...], run: Callable[[int], RunResult]
     )
 
 
+def seed_runner(spec: ModeSpec, flavour: PteFlavour) -> Callable[[int], RunResult]:
+    def run(pages: int) -> RunResult:
+        return run_workload(spec, seed_workload(pages), None, flavour)
+
+    return run
+
+
+def remap_runner(spec: ModeSpec, flavour: PteFlavour) -> Callable[[int], RunResult]:
+    def run(pages: int) -> RunResult:
+        return run_workload(spec, remap_workload(pages), remap_setup(pages), flavour)
+
+    return run
+
+
+def switch_runner(spec: ModeSpec, flavour: PteFlavour, working_set: int) -> Callable[[int], RunResult]:
+    def run(rounds: int) -> RunResult:
+        return run_switch(spec, working_set, rounds, flavour)
+
+    return run
+
+
 def sweep(
     specs: list[ModeSpec], costs: CostTable, sizes: tuple[int, ...] = SIZES, flavour: PteFlavour = PteFlavour.LINUX
 ) -> list[Series]:
     """The seed workload for every size under every mode."""
-    return [_series(s, sizes, lambda n, s=s: run_workload(s, seed_workload(n), None, flavour), costs) for s in specs]
+    return [_series(s, sizes, seed_runner(s, flavour), costs) for s in specs]
 
 
 def sweep_all(
@@ -129,11 +151,8 @@ def sweep_all(
 ) -> list[Scenario]:
     """Every scenario of ``refmodel compare`` over its size: pages mapped, pages
     remapped, and switch rounds (``switch_specs``, normally untagged)."""
-    remap = [
-        _series(s, remap_sizes, lambda n, s=s: run_workload(s, remap_workload(n), remap_setup(n), flavour), costs)
-        for s in specs
-    ]
-    switch = [_series(s, rounds, lambda r, s=s: run_switch(s, working_set, r, flavour), costs) for s in switch_specs]
+    remap = [_series(s, remap_sizes, remap_runner(s, flavour), costs) for s in specs]
+    switch = [_series(s, rounds, switch_runner(s, flavour, working_set), costs) for s in switch_specs]
     return [
         Scenario("malloc N pages, write + read each", "pages mapped and touched", sweep(specs, costs, sizes, flavour),
                  WHY["mapped"]),
@@ -169,7 +188,7 @@ def plot(scenarios: list[Scenario], path: Path, title: str) -> None:
     except ImportError:
         raise RefmodelError("--plot needs matplotlib: pip install 'refmodel[plot]'") from None
     fig, axes = plt.subplots(3, len(scenarios), figsize=(6 * len(scenarios), 13), squeeze=False)
-    handles: dict[str, object] = {}
+    handles: dict[str, Any] = {}  #: one line per mode for the shared legend
     for col, scenario in enumerate(scenarios):
         top, bottom, ratio = axes[0][col], axes[1][col], axes[2][col]
         native = next((s for s in scenario.series if s.label == "native"), None)

@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from ..plot import plot, sweep_all
 
-        scenarios = sweep_all(specs, standard_specs(args.batch, tagged=False), costs, flavour=flavour)
+        swept = sweep_all(specs, standard_specs(args.batch, tagged=False), costs, flavour=flavour)
         tlb = "untagged" if args.untagged else "VPID-tagged"
-        plot(scenarios, args.plot, f"every scenario, every mode ({tlb} TLB in the first two, PV batch {args.batch}{guest})")
+        plot(swept, args.plot, f"every scenario, every mode ({tlb} TLB in the first two, PV batch {args.batch}{guest})")
         print(f"plot written to {args.plot}")
     print(f"cycle costs: {costs.generation}; `refmodel costs` lists every figure and its source")
     return status
