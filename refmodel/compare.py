@@ -1,7 +1,9 @@
 """The comparisons behind ``refmodel compare``: one guest workload, every mode.
 
-The seed question (shared/seed/xen-devel-question.txt): a process mallocs 4 MiB and
-touches every page — 1024 page-table entries written. Under shadow paging each
+The seed question — a classic xen-devel one: why is paravirtualization cheaper than
+full virtualization, the vCPU context switch, the TLB flushes or the traps? Its
+example: a process mallocs 4 MiB and touches every page — 1024 page-table entries
+written. Under shadow paging each
 write traps; a PV guest batches them into a few validated hypercalls; with nested
 paging the writes are plain stores and the cost moves into longer TLB misses.
 
@@ -15,11 +17,11 @@ equivalence property), and the report says so only after checking it.
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .account.costs import CostTable
+from .account.costs import Cause, CostTable
 from .account.events import Counters, Event, ExitReason
 from .arch.access import AccessKind
 from .arch.types import PAGE_SIZE
-from .guest.kernel import GuestKernel, Observation
+from .guest.kernel import GuestKernel, Observation, PteFlavour
 from .hv.modes import GUEST_FRAMES, ModeSpec, build_backend
 
 #: Where the scenarios map their buffer (an ordinary user address, 2 MiB aligned).
@@ -79,10 +81,13 @@ def remap_setup(pages: int) -> Workload:
     return setup
 
 
-def run_workload(spec: ModeSpec, workload: Workload, setup: Workload | None = None) -> RunResult:
-    """Run one workload under one mode on a fresh machine."""
+def run_workload(
+    spec: ModeSpec, workload: Workload, setup: Workload | None = None, flavour: PteFlavour = PteFlavour.LINUX
+) -> RunResult:
+    """Run one workload under one mode on a fresh machine, the guest writing the
+    A/D flags of ``flavour``."""
     backend = build_backend(spec)
-    kernel = GuestKernel(backend, GUEST_FRAMES)
+    kernel = GuestKernel(backend, GUEST_FRAMES, flavour=flavour)
     pid = kernel.create_process()
     if setup is not None:
         setup(kernel, pid)
@@ -119,6 +124,7 @@ class Row:
     walk_refs: int
     guest_faults: int
     cycles: float
+    by_cause: dict[Cause, float]
 
 
 FLUSH_EVENTS = (
@@ -140,6 +146,7 @@ def row_for(result: RunResult, costs: CostTable) -> Row:
         walk_refs=c[Event.WALK_REF] + c[Event.EPT_WALK_REF],
         guest_faults=c[Event.GUEST_PAGE_FAULT],
         cycles=costs.cycles(c),
+        by_cause=costs.by_cause(c),
     )
 
 
@@ -152,16 +159,42 @@ HEADERS = (
 
 
 def format_table(rows: list[Row]) -> str:
-    """A plain-text table, one row per mode, with cycles relative to the first row."""
-    base = rows[0].cycles or 1.0
+    """A plain-text table of counts, one row per mode, with cycles relative to the
+    first row (native)."""
     cells = [[h for h, _ in HEADERS] + ["vs native"]]
     for r in rows:
-        line = []
-        for _, attr in HEADERS:
-            v = getattr(r, attr)
-            line.append(f"{v:,.0f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
-        line.append(f"{r.cycles / base:.1f}x")
-        cells.append(line)
+        cells.append([_number(getattr(r, attr)) for _, attr in HEADERS] + [_ratio(r.cycles, rows[0].cycles)])
+    return _grid(cells)
+
+
+def format_causes(rows: list[Row]) -> str:
+    """The same rows' estimated cycles split by :class:`Cause`, with each row's
+    largest cause and its share: where the cycles go."""
+    cells = [["cycles by cause"] + [c.value for c in Cause] + ["total", "largest"]]
+    for r in rows:
+        parts = [r.by_cause[c] for c in Cause]
+        cells.append([r.label] + [_number(p) for p in parts] + [_number(r.cycles), _largest(r)])
+    return _grid(cells)
+
+
+def _largest(r: Row) -> str:
+    if not r.cycles:
+        return "-"
+    cause, part = max(r.by_cause.items(), key=lambda kv: kv[1])
+    return f"{cause.value} {100 * part / r.cycles:.0f}%"
+
+
+def _number(v: object) -> str:
+    return f"{v:,.0f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _ratio(cycles: float, base: float) -> str:
+    """``cycles`` as a multiple of ``base``; "-" when the base costs nothing."""
+    return f"{cycles / base:.1f}x" if base else "-"
+
+
+def _grid(cells: list[list[str]]) -> str:
+    """Columns padded to their widest cell, the first left-aligned, a rule under the header."""
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     out = []
     for n, row in enumerate(cells):
@@ -171,7 +204,9 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def run_switch(spec: ModeSpec, working_set: int = 256, rounds: int = 8) -> RunResult:
+def run_switch(
+    spec: ModeSpec, working_set: int = 256, rounds: int = 8, flavour: PteFlavour = PteFlavour.LINUX
+) -> RunResult:
     """Two vCPUs of two domains take turns on one physical CPU; each reads its
     working set and checks its registers after every switch. Native stands in as
     two processes of one OS switching by CR3 (no PCIDs), the classic baseline.
@@ -185,7 +220,7 @@ def run_switch(spec: ModeSpec, working_set: int = 256, rounds: int = 8) -> RunRe
     sched: Scheduler | None = None
     if spec.mode is Mode.NATIVE:
         backend = build_backend(spec)
-        kernel = GuestKernel(backend, GUEST_FRAMES)
+        kernel = GuestKernel(backend, GUEST_FRAMES, flavour=flavour)
         kernels, pids = [kernel, kernel], [kernel.create_process(), kernel.create_process()]
         counters = backend.counters
     else:
@@ -194,7 +229,7 @@ def run_switch(spec: ModeSpec, working_set: int = 256, rounds: int = 8) -> RunRe
         for domid in (1, 2):
             b = build_backend(spec, machine, domid)
             sched.add(domid, b)
-            k = GuestKernel(b, GUEST_FRAMES)
+            k = GuestKernel(b, GUEST_FRAMES, flavour=flavour)
             kernels.append(k)
             pids.append(k.create_process())
         counters = machine.counters

@@ -12,7 +12,7 @@ from refmodel.compare import (
     RunResult, equivalent, remap_setup, remap_workload, run_switch, run_workload, seed_workload,
 )
 from refmodel.guest.ops import Mode
-from refmodel.hv.modes import ModeSpec, standard_specs
+from refmodel.hv.modes import ModeSpec, compare_specs, standard_specs
 
 PAGES = 1024
 BATCH = 32
@@ -20,7 +20,7 @@ BATCH = 32
 
 @pytest.fixture(scope="module")
 def seed() -> dict[str, RunResult]:
-    return {s.label: run_workload(s, seed_workload(PAGES)) for s in standard_specs(BATCH)}
+    return {s.label: run_workload(s, seed_workload(PAGES)) for s in compare_specs(BATCH)}
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +55,17 @@ def test_seed_pv_batches_hypercalls(seed: dict[str, RunResult]) -> None:
     assert unbatched[Event.HYPERCALL] >= PAGES
 
 
-def test_seed_hap_has_no_exits_and_24_references_per_cold_miss(seed: dict[str, RunResult]) -> None:
-    hap = seed["hap"].counters
+@pytest.mark.parametrize(("label", "per_miss"), [("hap", 19), ("hap, 4K EPT", 24)])
+def test_seed_hap_has_no_exits_and_19_or_24_references_per_cold_miss(
+    seed: dict[str, RunResult], label: str, per_miss: int
+) -> None:
+    """The default HAP row maps guest memory with 2 MiB EPT pages: 4 guest entries,
+    each through a 3-level EPT walk, and 3 for the page (19); with 4 KiB EPT pages 24."""
+    hap = seed[label].counters
     assert hap[Event.VM_EXIT] == 0 and hap.exits[ExitReason.PT_WRITE] == 0
-    assert hap[Event.TLB_MISS] == PAGES
-    assert hap[Event.WALK_REF] + hap[Event.EPT_WALK_REF] == 24 * hap[Event.TLB_MISS]
+    assert hap[Event.TLB_MISS] == PAGES and hap[Event.EPT_SPLIT] == 0
+    assert hap[Event.WALK_REF] == 4 * PAGES
+    assert hap[Event.WALK_REF] + hap[Event.EPT_WALK_REF] == per_miss * hap[Event.TLB_MISS]
     assert seed["native"].counters[Event.WALK_REF] == 4 * seed["native"].counters[Event.TLB_MISS]
 
 
@@ -94,9 +100,9 @@ def test_switch_costs_the_same_world_switch_and_tags_keep_the_tlb(tagged: bool) 
 def test_compare_cli_prints_every_mode_and_the_equivalence_verdict(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", "--pages", "8", "--scenario", "seed"]) == 0
     out = capsys.readouterr().out
-    for label in ("native", "shadow", "shadow-oos", "pv unbatched", "pv batched (32)", "hap"):
+    for label in ("native", "shadow", "shadow-oos", "pv unbatched", "pv batched (32)", "hap", "hap, 4K EPT"):
         assert f"\n{label} " in out
-    assert "identical across all 6 modes" in out
+    assert "identical across all 7 modes" in out
 
 
 @pytest.mark.parametrize(
@@ -109,13 +115,70 @@ def test_compare_cli_rejects_bad_arguments(args: list[str], message: str, capsys
     assert message in err and err.count("\n") == 1
 
 
-def test_compare_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_plot_draws_every_scenario_with_one_style_per_mode(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from refmodel.account.costs import CostTable
-    from refmodel.plot import plot, sweep
+    from refmodel.plot import STYLES, Series, crossover, plot, style_of, sweep_all
 
+    specs = [ModeSpec(Mode.NATIVE), ModeSpec(Mode.PV, batch_size=8), ModeSpec(Mode.HAP)]
+    scenarios = sweep_all(specs, [ModeSpec(Mode.NATIVE, tagged=False)], CostTable.default(),
+                          sizes=(1, 16), remap_sizes=(1, 4), rounds=(1, 2), working_set=8)
+    assert [len(s.series) for s in scenarios] == [3, 3, 1]
+    assert [s.xs for s in scenarios[1].series] == [(1, 4)] * 3 and scenarios[2].series[0].xs == (1, 2)
+    pv = scenarios[0].series[1]
+    assert pv.hypercalls[1] > pv.hypercalls[0] and pv.entries == pv.hypercalls
     out = tmp_path / "p.png"
-    series = sweep([ModeSpec(Mode.NATIVE), ModeSpec(Mode.PV, batch_size=8)], CostTable.default(), sizes=(1, 16))
-    assert series[1].hypercalls[1] > series[1].hypercalls[0]
-    plot(series, out, "test")
+    plot(scenarios, out, "test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    labels = [s.label for s in compare_specs(BATCH)]
+    assert len({style_of(label) for label in labels}) == len(labels)  # one colour/marker/line per mode
+    assert len({style_of(label)[0] for label in labels}) == len(labels) and set(STYLES) < set(labels)
+    a = Series("a", (1, 2, 4), (0, 0, 0), (0, 0, 0), (1.0, 5.0, 9.0))
+    b = Series("b", (1, 2, 4), (0, 0, 0), (0, 0, 0), (2.0, 6.0, 8.0))
+    assert crossover(a, b) == 4 and crossover(b, a) is None
+
+
+def test_seed_shadow_with_linux_flags_traps_1028_writes_and_takes_no_hidden_fault(seed: dict[str, RunResult]) -> None:
+    shadow = seed["shadow"].counters
+    assert shadow.exits[ExitReason.PT_WRITE] == 1028  # 1024 leaves + 4 table links
+    assert shadow[Event.VM_EXIT] == 1028
+    assert shadow[Event.SHADOW_FILL] == 0 and shadow.exits[ExitReason.PAGE_FAULT] == 0
+
+
+def test_seed_a_d_clear_guest_shows_the_1024_hidden_faults() -> None:
+    from refmodel.guest.kernel import PteFlavour
+
+    spec = ModeSpec(Mode.SHADOW)
+    shadow = run_workload(spec, seed_workload(PAGES), flavour=PteFlavour.AD_CLEAR).counters
+    assert shadow.exits[ExitReason.PT_WRITE] == 1028
+    assert shadow[Event.SHADOW_FILL] == 1024 and shadow.exits[ExitReason.PAGE_FAULT] == 1024
+    native = run_workload(ModeSpec(Mode.NATIVE), seed_workload(PAGES), flavour=PteFlavour.AD_CLEAR)
+    hap = run_workload(ModeSpec(Mode.HAP), seed_workload(PAGES), flavour=PteFlavour.AD_CLEAR)
+    assert equivalent([native, run_workload(spec, seed_workload(PAGES), flavour=PteFlavour.AD_CLEAR), hap]) == []
+
+
+def test_every_event_has_a_cause_and_the_causes_add_up(seed: dict[str, RunResult]) -> None:
+    from refmodel.account.costs import CAUSE_OF, Cause, CostTable
+    from refmodel.compare import row_for
+
+    assert set(CAUSE_OF) == set(Event)
+    costs = CostTable.default()
+    for r in seed.values():
+        row = row_for(r, costs)
+        assert math.isclose(sum(row.by_cause.values()), row.cycles)
+    shadow = row_for(seed["shadow"], costs).by_cause
+    assert shadow[Cause.EXITS] == 1028 * costs.cost_of(Event.VM_EXIT)
+    assert shadow[Cause.EMULATION] == 1028 * costs.cost_of(Event.EMULATED_PT_WRITE)
+    batched = row_for(seed[f"pv batched ({BATCH})"], costs).by_cause
+    assert batched[Cause.EXITS] == 0 and batched[Cause.HYPERCALLS] > 0.8 * sum(batched.values())
+    hap = row_for(seed["hap"], costs).by_cause
+    assert hap[Cause.WALKS] == 19 * PAGES * costs.cost_of(Event.WALK_REF)
+
+
+def test_compare_cli_prints_the_cost_split_and_takes_the_guest_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--pages", "8", "--scenario", "seed", "--guest", "ad-clear"]) == 0
+    out = capsys.readouterr().out
+    assert "ad-clear guest" in out
+    header = next(line for line in out.splitlines() if line.startswith("cycles by cause"))
+    for cause in ("exits + handling", "emulation", "hypercalls", "flushes", "TLB misses", "world switches", "total"):
+        assert cause in header

@@ -33,7 +33,7 @@ from refmodel.arch.builder import PageTableBuilder
 from refmodel.arch.control import Cr0, Cr4, Efer, Rflags
 from refmodel.arch.fault import GeneralProtection, PageFault
 from refmodel.arch.physmem import PhysicalMemory
-from refmodel.arch.pte import Level, PteFlag
+from refmodel.arch.pte import Level, PageSize, PteFlag
 from refmodel.arch.types import GFN, MFN, PAGE_SHIFT
 from refmodel.arch.walk import PagingContext, is_canonical
 from refmodel.cli import main
@@ -378,13 +378,14 @@ class HapSpace:
             self.machine.mem.load_frame(f, mem.frame_bytes(f))
 
 
-def hap_space(maps: list[tuple[int, int, int]]) -> HapSpace:
+def hap_space(maps: list[tuple[int, int, int]], large: bool = False) -> HapSpace:
     """A domain of 64 guest frames on EPT built from its P2M (``Ept.from_p2m``, as
     HapBackend builds it) and guest page tables, in guest frames 32.., mapping each
-    ``(va, gfn, flags)``."""
+    ``(va, gfn, flags)``. With ``large`` the domain has 1024 frames in two aligned
+    2 MiB runs, which EPT maps with two 2 MiB leaves."""
     machine = Machine(nr_frames=2048, hypervisor_frames=64)
-    dom = machine.create_domain(1, 64)
-    ept = Ept.from_p2m(machine, dom)
+    dom = machine.create_domain(1, 1024 if large else 64, contiguous=large)
+    ept = Ept.from_p2m(machine, dom, PageSize.SIZE_1G if large else PageSize.SIZE_4K)
     guest_physical = PhysicalMemory(machine.mem.maxphyaddr)
     b = PageTableBuilder(guest_physical, iter(range(32, 64)))
     for va, gfn, flags in maps:
@@ -415,6 +416,29 @@ def test_cold_two_dimensional_walk_is_24_references_and_sets_guest_a_d() -> None
     again = space.both([va + 8 for va in SPREAD], [AccessKind.READ] * 4)
     assert again.refs.tolist() == [24] * 4 and again.dirty.tolist() == [True, False, False, False]
     assert_same_memory(before, space.machine.mem)
+
+
+def test_large_ept_pages_built_from_a_contiguous_p2m_take_19_references() -> None:
+    """The fast path on the EPT HapBackend builds by default: 2 MiB EPT leaves, a
+    4 KiB guest page, 4 + 4 x 3 + 3 = 19 references; also across the two leaves and
+    after one of them is split by a 4 KiB change."""
+    pages = [(va, 10 + 600 * (i % 2) + i, USER_RW) for i, va in enumerate(SPREAD)]
+    space = hap_space(pages, large=True)
+    assert {m.size for m in space.ept.mappings()} == {PageSize.SIZE_2M}
+    kinds = [AccessKind.WRITE, AccessKind.READ, AccessKind.READ, AccessKind.FETCH]
+    fast = space.both([va + 8 for va in SPREAD], kinds)
+    assert not fast.sequential and fast.ok.all()
+    assert fast.refs.tolist() == [19] * 4 and fast.ept_refs.tolist() == [15] * 4
+    dom = space.machine.domain(1)
+    assert [int(m) >> PAGE_SHIFT for m in fast.mpa.tolist()] == [dom.p2m[GFN(g)] for _, g, _ in pages]
+    assert fast.size.tolist() == [PageSize.SIZE_4K.value] * 4  # combined: the smaller of the two
+    # split the first leaf (a guest page-table frame goes read-only, as for log-dirty)
+    space.ept.write_leaf(space.table_gfns[0], make_leaf(dom.p2m[GFN(space.table_gfns[0])], EptFlag.R | EptFlag.X))
+    again = space.both([va + 8 for va in SPREAD], [AccessKind.READ] * 4)
+    assert again.status.tolist() == [STATUS_OK] * 4
+    # every guest table now sits on 4 KiB EPT pages (4 x 4 + 4), the final page on
+    # 4 KiB (split run) or 2 MiB (the other run) ones
+    assert again.refs.tolist() == [24, 23, 24, 23]
 
 
 def test_read_only_ept_for_page_tables_refuses_the_a_d_update() -> None:

@@ -16,7 +16,7 @@ from refmodel.arch.tlb import TlbEntry
 from refmodel.arch.types import GFN, MFN, PAGE_SHIFT, PAGE_SIZE
 from refmodel.arch.walk import Rights
 from refmodel.errors import RefmodelError
-from refmodel.guest.kernel import GuestKernel
+from refmodel.guest.kernel import GuestKernel, PteFlavour
 from refmodel.guest.ops import Mode
 from refmodel.hv.hap import (
     CombinedTranslation,
@@ -42,10 +42,11 @@ def new_machine() -> Machine:
 
 
 def hap_guest(machine: Machine | None = None, domid: int = 1, tagged: bool = True,
-              frames: int = GUEST_FRAMES) -> tuple[HapBackend, GuestKernel, int]:
+              frames: int = GUEST_FRAMES,
+              flavour: PteFlavour = PteFlavour.LINUX) -> tuple[HapBackend, GuestKernel, int]:
     machine = machine if machine is not None else new_machine()
     backend = HapBackend(machine, machine.create_domain(domid, frames), tagged=tagged)
-    kernel = GuestKernel(backend, frames)
+    kernel = GuestKernel(backend, frames, flavour=flavour)
     return backend, kernel, kernel.create_process()
 
 
@@ -196,8 +197,9 @@ def test_write_to_a_log_dirty_page_exits_once_and_is_logged() -> None:
 
 def test_accessed_flag_update_is_an_ept_data_write() -> None:
     """SDM 29.3.3.2: the guest walk setting A in a PTE whose table is read-only in EPT
-    is an EPT violation for a write to a paging-structure entry (not the final access)."""
-    backend, kernel, pid = hap_guest()
+    is an EPT violation for a write to a paging-structure entry (not the final access).
+    The guest writes its entries with A clear, so the walk has an A flag to set."""
+    backend, kernel, pid = hap_guest(flavour=PteFlavour.AD_CLEAR)
     kernel.map_range(pid, VA, 1, populate=True)
     table, _ = leaf_gfns(kernel, pid, VA)
     backend.ept_set_rights(table, R)

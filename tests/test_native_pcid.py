@@ -46,3 +46,32 @@ def test_a_mapping_removed_while_away_is_not_used_after_switching_back() -> None
         k.switch_to(a)
         k.touch(VA)
         assert k.observations[-1].event == "fault", pcids
+
+
+def test_writes_to_another_address_space_leave_this_one_its_tlb() -> None:
+    """Linux compares the *mm's* tlb_gen on a switch: populating B's tables does not
+    make A's cached translations stale, so A keeps them (the switch table's native
+    row once showed a full refill here because the generation was global)."""
+    backend, k, a, b = kernel(True)
+    k.switch_to(a)
+    k.touch(VA)
+    k.switch_to(b)
+    k.map_range(b, VA + 0x10_0000, 4, populate=True)  # B's tables only
+    before = backend.counters.copy()
+    k.switch_to(a)
+    k.touch(VA)
+    assert backend.counters.since(before)[Event.TLB_MISS] == 0
+    assert backend.counters.since(before)[Event.TLB_FLUSH_PCID] == 0
+
+
+def test_a_write_to_this_address_space_while_away_still_flushes_it() -> None:
+    backend, k, a, b = kernel(True)
+    k.switch_to(a)
+    k.touch(VA)
+    k.switch_to(b)
+    k.protect(a, VA, 1, writable=False)  # A's leaf changes while A is away
+    before = backend.counters.copy()
+    k.switch_to(a)
+    k.touch(VA, AccessKind.WRITE, 1)
+    assert k.observations[-1].event == "fault"
+    assert backend.counters.since(before)[Event.TLB_MISS] == 1

@@ -10,7 +10,7 @@ from refmodel.arch.access import AccessKind
 from refmodel.arch.fault import PageFault
 from refmodel.arch.pte import Level, PteFlag, table_index
 from refmodel.arch.types import GFN, PAGE_SHIFT
-from refmodel.guest.kernel import GuestKernel, Observation
+from refmodel.guest.kernel import GuestKernel, Observation, PteFlavour
 from refmodel.guest.ops import MmuBackend
 from refmodel.hv.machine import Machine
 from refmodel.hv.native import NativeBackend
@@ -44,14 +44,16 @@ def record(kernel: GuestKernel) -> Record:
     return tuple(kernel.observations), kernel.page_table_view()
 
 
-def run_kernel(backend: MmuBackend, workload: Callable[[GuestKernel, int], None]) -> GuestKernel:
-    kernel = GuestKernel(backend, GUEST_FRAMES)
+def run_kernel(
+    backend: MmuBackend, workload: Callable[[GuestKernel, int], None], flavour: PteFlavour = PteFlavour.LINUX
+) -> GuestKernel:
+    kernel = GuestKernel(backend, GUEST_FRAMES, flavour=flavour)
     workload(kernel, kernel.create_process())
     return kernel
 
 
-def native_record(workload: Callable[[GuestKernel, int], None]) -> Record:
-    return record(run_kernel(NativeBackend(GUEST_FRAMES), workload))
+def native_record(workload: Callable[[GuestKernel, int], None], flavour: PteFlavour = PteFlavour.LINUX) -> Record:
+    return record(run_kernel(NativeBackend(GUEST_FRAMES), workload, flavour))
 
 
 def populate_and_touch(pages: int) -> Callable[[GuestKernel, int], None]:

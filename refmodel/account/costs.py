@@ -12,6 +12,7 @@ are marked ``proxy`` and say what they stand in for. Load your own figures with
 :meth:`CostTable.with_overrides` / ``refmodel compare --costs FILE.json``.
 """
 
+import enum
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,6 +87,44 @@ DEFAULT_COSTS: dict[Event, Cost] = {
 }
 
 
+class Cause(enum.Enum):
+    """What the estimated cycles are spent on: the candidate answers of the seed
+    question (the traps, the TLB flushes, the context switch) made into columns."""
+
+    EXITS = "exits + handling"  #: the VM exit round trip, and a hidden fault's fill
+    EMULATION = "emulation"  #: emulating a trapped page-table write, resyncing an out-of-sync table
+    HYPERCALLS = "hypercalls"  #: PV hypercalls and the requests they carry
+    FLUSHES = "flushes"  #: the direct cost of invalidating TLB entries (the refill is walks)
+    WALKS = "TLB misses"  #: the page walks of TLB misses: guest and EPT entry references
+    SWITCHES = "world switches"  #: putting another domain's vCPU on the physical CPU
+    GUEST_FAULTS = "guest #PF"  #: page faults the guest takes and handles itself, as on bare metal
+
+
+#: The cause of every event (every :class:`Event` has one; most cost nothing).
+CAUSE_OF: dict[Event, Cause] = {
+    Event.VM_EXIT: Cause.EXITS,
+    Event.SHADOW_FILL: Cause.EXITS,
+    Event.EPT_SPLIT: Cause.EXITS,
+    Event.EMULATED_PT_WRITE: Cause.EMULATION,
+    Event.SHADOW_RESYNC: Cause.EMULATION,
+    Event.HYPERCALL: Cause.HYPERCALLS,
+    Event.HYPERCALL_ENTRY: Cause.HYPERCALLS,
+    Event.TLB_FLUSH_FULL: Cause.FLUSHES,
+    Event.TLB_FLUSH_SINGLE: Cause.FLUSHES,
+    Event.TLB_FLUSH_PCID: Cause.FLUSHES,
+    Event.TLB_FLUSH_VPID: Cause.FLUSHES,
+    Event.TLB_FLUSH_GLOBAL: Cause.FLUSHES,
+    Event.INVEPT: Cause.FLUSHES,
+    Event.TLB_HIT: Cause.WALKS,
+    Event.TLB_MISS: Cause.WALKS,
+    Event.WALK_REF: Cause.WALKS,
+    Event.EPT_WALK_REF: Cause.WALKS,
+    Event.WORLD_SWITCH: Cause.SWITCHES,
+    Event.CONTEXT_SWITCH: Cause.SWITCHES,
+    Event.GUEST_PAGE_FAULT: Cause.GUEST_FAULTS,
+}
+
+
 @dataclass(frozen=True)
 class CostTable:
     """Cycles per event; events not in the table cost nothing (and are listed as such)."""
@@ -109,6 +148,14 @@ class CostTable:
         """Cycles per event kind, largest first."""
         parts = {e: self.cost_of(e) * n for e, n in counters.events.items() if self.cost_of(e) * n}
         return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
+
+    def by_cause(self, counters: Counters) -> dict[Cause, float]:
+        """Cycles per :class:`Cause`, every cause present (0 if nothing was spent on
+        it), in the order of the enum; they add up to :meth:`cycles`."""
+        parts = {cause: 0.0 for cause in Cause}
+        for event, n in counters.events.items():
+            parts[CAUSE_OF[event]] += self.cost_of(event) * n
+        return parts
 
     def with_overrides(self, path: Path) -> "CostTable":
         """Replace figures from a JSON file ``{"event_name": cycles | {"cycles": n,

@@ -33,6 +33,7 @@ class Event(enum.Enum):
     SHADOW_RESYNC = "shadow_resync"  #: an out-of-sync page table resynchronised
     EPT_WALK_REF = "ept_walk_ref"  #: an EPT entry read during a 2-D walk
     INVEPT = "invept"  #: INVEPT single-context: a domain's combined (GVA -> MPA) translations dropped
+    EPT_SPLIT = "ept_split"  #: a 2 MiB or 1 GiB EPT leaf split into a table of smaller ones
     CONTEXT_SWITCH = "context_switch"  #: a vCPU switch on the physical CPU
     WORLD_SWITCH = "world_switch"  #: a switch between two domains
 

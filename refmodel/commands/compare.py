@@ -1,8 +1,10 @@
 """``refmodel compare``: the seed question, run.
 
 Runs the same guest workload under native, shadow, shadow with out-of-sync page
-tables, PV unbatched, PV batched and HAP; prints counts and estimated cycles per
-mode; checks (not assumes) that the guest saw the same thing in every mode.
+tables, PV unbatched, PV batched, HAP (large EPT pages) and HAP with 4 KiB EPT pages;
+prints counts, and the estimated cycles split by cause, per mode; checks (not
+assumes) that the guest saw the same thing in every mode. ``--guest ad-clear`` runs
+a guest that writes its entries with A and D clear (:class:`PteFlavour`).
 """
 
 import argparse
@@ -10,13 +12,17 @@ from pathlib import Path
 
 from ..account.costs import CostTable
 from ..compare import (
-    RunResult, Workload, equivalent, format_table, remap_setup, remap_workload, row_for, run_switch, run_workload,
-    seed_workload,
+    RunResult, Workload, equivalent, format_causes, format_table, remap_setup, remap_workload, row_for, run_switch,
+    run_workload, seed_workload,
 )
 from ..errors import RefmodelError
-from ..hv.modes import standard_specs
+from ..guest.kernel import PteFlavour
+from ..hv.modes import compare_specs as standard_specs
 
 MAX_PAGES = 4096
+#: The remap scenario needs a new frame per page besides the old one: at most 2048
+#: pages fit the guest's 6144 frames.
+MAX_REMAP_PAGES = 2048
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -25,8 +31,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--batch", type=int, default=32, help="PV requests per hypercall (default 32, Linux's MC_BATCH)")
     p.add_argument("--untagged", action="store_true", help="a TLB without VPIDs: every VM exit flushes it")
     p.add_argument("--costs", type=Path, help="JSON file overriding cycle costs per event")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="also plot exits and cycles for 1..4096 pages")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="also plot every scenario over its size (1..4096 pages, 1..16 switch rounds)")
     p.add_argument("--scenario", choices=["seed", "remap", "switch", "all"], default="all")
+    p.add_argument(
+        "--guest", choices=[f.value for f in PteFlavour], default=PteFlavour.LINUX.value,
+        help="which A/D flags the guest writes: linux (default: A in user leaves, D in writable ones, "
+        "A and D in table entries) or ad-clear (none: a shadowing hypervisor takes a hidden fault per first touch)",
+    )
     p.set_defaults(func=run)
 
 
@@ -39,25 +50,30 @@ def run(args: argparse.Namespace) -> int:
     if args.costs is not None:
         costs = costs.with_overrides(args.costs)
     specs = standard_specs(args.batch, tagged=not args.untagged)
+    flavour = PteFlavour(args.guest)
+    guest = "" if flavour is PteFlavour.LINUX else f", {flavour.value} guest"
     scenarios: list[tuple[str, Workload, Workload | None]] = []
     if args.scenario in ("seed", "all"):
         scenarios.append((f"malloc {args.pages} pages populated, then write + read each page", seed_workload(args.pages), None))
     if args.scenario in ("remap", "all"):
-        scenarios.append((f"remap {args.pages} live pages (one PTE write + INVLPG each), then read each", remap_workload(args.pages), remap_setup(args.pages)))
+        n = min(args.pages, MAX_REMAP_PAGES)
+        scenarios.append((f"remap {n} live pages (one PTE write + INVLPG each), then read each", remap_workload(n), remap_setup(n)))
     status = 0
     for title, workload, setup in scenarios:
-        results = [run_workload(spec, workload, setup) for spec in specs]
-        status |= report(f"{title} ({'untagged' if args.untagged else 'VPID-tagged'} TLB)", results, costs)
+        results = [run_workload(spec, workload, setup, flavour) for spec in specs]
+        status |= report(f"{title} ({'untagged' if args.untagged else 'VPID-tagged'} TLB{guest})", results, costs)
     if args.scenario in ("switch", "all"):
         ws = min(args.pages, 256)
         for tagged in (False, True):
-            results = [run_switch(spec, ws) for spec in standard_specs(args.batch, tagged=tagged)]
-            tags = "VPID/PCID-tagged TLB" if tagged else "untagged TLB: every switch flushes"
+            results = [run_switch(spec, ws, flavour=flavour) for spec in standard_specs(args.batch, tagged=tagged)]
+            tags = ("VPID/PCID-tagged TLB" if tagged else "untagged TLB: every switch flushes") + guest
             status |= report(f"2 domains x 8 rounds, {ws}-page working sets, a vCPU switch per turn ({tags})", results, costs)
     if args.plot is not None:
-        from ..plot import plot, sweep
+        from ..plot import plot, sweep_all
 
-        plot(sweep(specs, costs), args.plot, f"malloc + touch N pages; PV batch {args.batch}")
+        swept = sweep_all(specs, standard_specs(args.batch, tagged=False), costs, flavour=flavour)
+        tlb = "untagged" if args.untagged else "VPID-tagged"
+        plot(swept, args.plot, f"every scenario, every mode ({tlb} TLB in the first two, PV batch {args.batch}{guest})")
         print(f"plot written to {args.plot}")
     print(f"cycle costs: {costs.generation}; `refmodel costs` lists every figure and its source")
     return status
@@ -66,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
 def report(title: str, results: list[RunResult], costs: CostTable) -> int:
     """Print one scenario's table and the equivalence verdict; 1 if modes differ."""
     print(f"== {title}")
-    print(format_table([row_for(r, costs) for r in results]))
+    rows = [row_for(r, costs) for r in results]
+    print(format_table(rows))
+    print()
+    print(format_causes(rows))
     differ = equivalent(results)
     print()
     if differ:

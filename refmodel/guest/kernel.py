@@ -14,11 +14,19 @@ Everything the guest can observe is recorded in :attr:`GuestKernel.observations`
 and :meth:`GuestKernel.page_table_view` reads its leaf entries back (A/D included):
 the same workload must give the same record under every mode.
 
+Which flags it writes (:class:`PteFlavour`): by default the ones Linux writes —
+A in every user leaf, D in every writable anonymous leaf, A and D in every table
+entry — so that a hypervisor meets the entries a real guest gives it. The
+``AD_CLEAR`` flavour writes A and D clear everywhere, leaving the processor (or a
+shadowing hypervisor, with a hidden fault per first touch) to set them: a named
+variant that shows what those hidden faults cost.
+
 Simplifications, stated: user pages only (the kernel reaches its memory through an
 unmodelled direct map, :meth:`MmuBackend.read_frame_u64`); frames are never reused
 once freed, so a freed page-table frame never comes back as data.
 """
 
+import enum
 from dataclasses import dataclass, field
 
 from ..account.events import Event
@@ -33,6 +41,12 @@ from .ops import MmuBackend
 TLB_SINGLE_PAGE_FLUSH_CEILING = 33
 #: Flags of a non-leaf entry: the leaf alone restricts rights.
 TABLE_ENTRY_FLAGS = PteFlag.P | PteFlag.RW | PteFlag.US
+#: Linux's ``_PAGE_TABLE`` (arch/x86/include/asm/pgtable_types.h): ``__PP | __RW |
+#: _USR | ___A | __D`` — a table entry is written accessed and dirty, so the
+#: processor never has to set either in it (``pmd_populate``, ``pud_populate``...).
+LINUX_PAGE_TABLE = TABLE_ENTRY_FLAGS | PteFlag.A | PteFlag.D
+#: Accessed and Dirty, the flags the two flavours disagree on.
+AD = int(PteFlag.A | PteFlag.D)
 #: User-space addresses end below the canonical hole.
 USER_TOP = 1 << 47
 FRAME_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
@@ -99,19 +113,71 @@ class Process:
         return next((v for v in self.vmas if v.covers(va)), None)
 
 
-def leaf_flags(writable: bool) -> int:
-    """User data page: present, user, not executable, writable if asked."""
-    flags = PteFlag.P | PteFlag.US | PteFlag.XD
-    if writable:
-        flags |= PteFlag.RW
-    return int(flags)
+class PteFlavour(enum.Enum):
+    """Which A/D flags the guest kernel writes into the entries it creates."""
+
+    #: As Linux on x86-64 (each method cites where).
+    LINUX = "linux"
+    #: A and D clear in every new entry: the processor sets them on first use, and a
+    #: shadowing hypervisor pays a hidden fault for each (an upper bound on that cost).
+    AD_CLEAR = "ad-clear"
+
+    def table(self) -> int:
+        """A table entry: Linux's ``_PAGE_TABLE`` (P, RW, US, A, D)."""
+        return int(LINUX_PAGE_TABLE if self is PteFlavour.LINUX else TABLE_ENTRY_FLAGS)
+
+    def leaf(self, writable: bool) -> int:
+        """A freshly allocated anonymous user page: present, user, not executable,
+        writable if the mapping is. Linux takes ``vma->vm_page_prot`` — ``PAGE_SHARED``
+        or ``PAGE_COPY``, both with ``_PAGE_ACCESSED`` (pgtable_types.h) — and
+        ``do_anonymous_page`` (mm/memory.c) makes a writable one dirty:
+        ``pte_mkwrite(pte_mkdirty(entry), vma)``. (MAP_POPULATE faults the pages in
+        with FOLL_WRITE for a private writable mapping, ``populate_vma_page_range``;
+        the read-fault zero page is not modelled: every fault allocates.)"""
+        flags = int(PteFlag.P | PteFlag.US | PteFlag.XD)
+        if writable:
+            flags |= int(PteFlag.RW)
+        if self is PteFlavour.LINUX:
+            flags |= int(PteFlag.A) | (int(PteFlag.D) if writable else 0)
+        return flags
+
+    def migrated(self, old_flags: int) -> int:
+        """A page moved to a new frame keeps its young and dirty state: Linux's
+        ``remove_migration_pte`` (mm/migrate.c) re-creates A and D from the migration
+        entry (``is_migration_entry_young`` / ``_dirty``)."""
+        return old_flags if self is PteFlavour.LINUX else old_flags & ~AD
+
+    def forked(self, parent_flags: int) -> int:
+        """The child's copy of a private entry: ``copy_present_pte`` (mm/memory.c)
+        makes it old (``pte_mkold``) and keeps D (``pte_mkclean`` is for shared
+        mappings only)."""
+        return parent_flags & ~int(PteFlag.A) if self is PteFlavour.LINUX else parent_flags & ~AD
+
+    def cow_copy(self, flags: int) -> int:
+        """The writer's new copy after a copy-on-write fault: ``wp_page_copy``
+        (mm/memory.c) builds it from ``vm_page_prot`` (with A) and
+        ``maybe_mkwrite(pte_mkdirty(entry), vma)``."""
+        return flags | AD if self is PteFlavour.LINUX else flags & ~AD
+
+    def cow_reuse(self, flags: int) -> int:
+        """The last sharer gets its frame back writable: ``wp_page_reuse``
+        (mm/memory.c): ``pte_mkyoung`` then ``maybe_mkwrite(pte_mkdirty(entry))``."""
+        return flags | AD if self is PteFlavour.LINUX else flags
+
+
+def leaf_flags(writable: bool, flavour: PteFlavour = PteFlavour.LINUX) -> int:
+    """A new user data page's flags (:meth:`PteFlavour.leaf`)."""
+    return flavour.leaf(writable)
 
 
 class GuestKernel:
     """Processes, their page tables, and a page-fault handler."""
 
-    def __init__(self, backend: MmuBackend, nr_frames: int, first_frame: int = 1) -> None:
+    def __init__(
+        self, backend: MmuBackend, nr_frames: int, first_frame: int = 1, flavour: PteFlavour = PteFlavour.LINUX
+    ) -> None:
         self.mmu = backend
+        self.flavour = flavour
         self.nr_frames = nr_frames
         self._next_frame = first_frame
         self.processes: dict[int, Process] = {}
@@ -170,7 +236,7 @@ class GuestKernel:
             if child is None:
                 child = self.alloc_table(child_level)
                 proc.tables[key] = child
-                self.mmu.write_pte(table, table_index(va, level), level, self.entry(child, int(TABLE_ENTRY_FLAGS)))
+                self.mmu.write_pte(table, table_index(va, level), level, self.entry(child, self.flavour.table()))
             table = child
         return table
 
@@ -213,7 +279,7 @@ class GuestKernel:
         self.mmu.lazy_end()
         self.mmu.lazy_begin()
         for page in pages:
-            self._set_leaf(proc, page, self.entry(self.alloc_frame(), leaf_flags(writable)))
+            self._set_leaf(proc, page, self.entry(self.alloc_frame(), self.flavour.leaf(writable)))
             proc.mapped.add(page)
         self.mmu.lazy_end()
 
@@ -260,7 +326,7 @@ class GuestKernel:
             old = self._read_leaf(proc, page)
             new_frame = self.alloc_frame()
             self.mmu.copy_frame(self.frame_of(old), new_frame)
-            flags = old & ~FRAME_MASK & ~int(PteFlag.A | PteFlag.D)
+            flags = self.flavour.migrated(old & ~FRAME_MASK)
             self._set_leaf(proc, page, self.entry(new_frame, flags))
             if self._is_current(proc):
                 self.mmu.invlpg(page)
@@ -285,7 +351,7 @@ class GuestKernel:
                 self._set_leaf(parent, page, shared)
             frame = self.frame_of(pte)
             self.sharers[frame] = self.sharers.get(frame, 1) + 1
-            self._set_leaf(child, page, shared & ~int(PteFlag.A | PteFlag.D))
+            self._set_leaf(child, page, self.flavour.forked(shared))
             child.mapped.add(page)
         if self._is_current(parent) and parent.mapped:
             self.mmu.flush_tlb()
@@ -325,7 +391,7 @@ class GuestKernel:
         if not fault.error_code & PfErrorCode.P:
             if va in proc.mapped:
                 return False
-            self._set_leaf(proc, va, self.entry(self.alloc_frame(), leaf_flags(vma.writable)))
+            self._set_leaf(proc, va, self.entry(self.alloc_frame(), self.flavour.leaf(vma.writable)))
             proc.mapped.add(va)
             return True
         if write and vma.writable:
@@ -343,10 +409,10 @@ class GuestKernel:
             self.sharers[frame] = sharers - 1
             new = self.alloc_frame()
             self.mmu.copy_frame(frame, new)
-            self._set_leaf(proc, va, self.entry(new, flags & ~int(PteFlag.A | PteFlag.D)))
+            self._set_leaf(proc, va, self.entry(new, self.flavour.cow_copy(flags)))
         else:
             self.sharers.pop(frame, None)
-            self._set_leaf(proc, va, self.entry(frame, flags))
+            self._set_leaf(proc, va, self.entry(frame, self.flavour.cow_reuse(flags)))
         self.mmu.invlpg(va)
 
     # -- what the guest can see ----------------------------------------------------------------

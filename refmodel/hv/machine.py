@@ -8,6 +8,10 @@ the single M2P table maps each allocated MFN back to its GFN
 
 Frames are handed out in a deterministic, deliberately scrambled order so that a
 GFN is almost never equal to its MFN: a backend that mixes them up fails loudly.
+A domain may instead ask to be populated in contiguous, 2 MiB-aligned runs of
+machine frames (:meth:`Machine.populate_contiguous`), as Xen's toolstack and KVM's
+memory backing try to do so that the hypervisor can map guest memory with large
+EPT pages; even then GFN != MFN, since the runs come from wherever free memory is.
 """
 
 import copy
@@ -28,6 +32,9 @@ DOMID_COW = DomId(0x7FF3)
 DOMID_INVALID = DomId(0x7FF4)
 #: The first domain id that is not an ordinary domain.
 DOMID_FIRST_RESERVED = 0x7FF0
+#: Frames in one 2 MiB run: the unit of a contiguous, aligned allocation (Xen's
+#: ``SUPERPAGE_ORDER`` 9 extents).
+RUN_FRAMES = 512
 
 
 @dataclass
@@ -123,9 +130,10 @@ class Machine:
         return 0 <= mfn < self.nr_frames
 
     # -- domains -------------------------------------------------------------------
-    def create_domain(self, domid: int, nr_pages: int, privileged: bool = False) -> Domain:
+    def create_domain(self, domid: int, nr_pages: int, privileged: bool = False, contiguous: bool = False) -> Domain:
         """A new domain with ``nr_pages`` guest frames 0..nr_pages-1, each backed by a
-        fresh, zeroed machine frame."""
+        fresh, zeroed machine frame — scattered, or with ``contiguous`` in aligned
+        2 MiB runs where free memory has them (:meth:`populate_contiguous`)."""
         if not 0 <= domid < DOMID_FIRST_RESERVED:
             raise RefmodelError(f"domain id {domid:#x} is reserved or negative")
         if domid in self.domains:
@@ -134,9 +142,48 @@ class Machine:
             raise RefmodelError(f"domain {domid}: {nr_pages} pages requested, {len(self._free)} free")
         dom = Domain(DomId(domid), privileged=privileged)
         self.domains[dom.domid] = dom
-        for gfn in range(nr_pages):
-            self.populate(dom, GFN(gfn))
+        if contiguous:
+            self.populate_contiguous(dom, GFN(0), nr_pages)
+        else:
+            for gfn in range(nr_pages):
+                self.populate(dom, GFN(gfn))
         return dom
+
+    def populate_contiguous(self, dom: Domain, first: GFN, count: int) -> None:
+        """Back guest frames ``first`` .. ``first + count - 1``: every 2 MiB-aligned
+        run of 512 guest frames with 512 contiguous, 2 MiB-aligned free machine
+        frames (the lowest such run), every other frame one by one as
+        :meth:`populate` does. This is how Xen's toolstack populates an HVM guest
+        (``meminit_hvm`` in tools/libs/guest/xg_dom_x86.c asks
+        ``XENMEM_populate_physmap`` for 1 GiB, then 2 MiB extents, then 4 KiB pages)
+        and what KVM gets from a hugepage-backed memslot: the condition for mapping
+        guest memory with large EPT pages (``ept_set_entry`` with a superpage order)."""
+        end = first + count
+        taken_gfns = [g for g in range(first, end) if GFN(g) in dom.p2m]
+        if taken_gfns:
+            raise RefmodelError(f"domain {dom.domid}: gfn {taken_gfns[0]:#x} is already populated")
+        if count > len(self._free):
+            raise RefmodelError(f"domain {dom.domid}: {count} pages requested, {len(self._free)} free")
+        gfn = int(first)
+        while gfn < end:
+            run = self._free_run() if gfn % RUN_FRAMES == 0 and end - gfn >= RUN_FRAMES else None
+            if run is None:
+                self.populate(dom, GFN(gfn))
+                gfn += 1
+                continue
+            taken = set(range(run, run + RUN_FRAMES))
+            self._free = [m for m in self._free if m not in taken]
+            for i in range(RUN_FRAMES):
+                self._assign(dom, GFN(gfn + i), MFN(run + i))
+            gfn += RUN_FRAMES
+
+    def _free_run(self) -> MFN | None:
+        """The lowest 2 MiB-aligned run of 512 free machine frames, or None."""
+        free = set(self._free)
+        for base in range(0, self.nr_frames - RUN_FRAMES + 1, RUN_FRAMES):
+            if all(m in free for m in range(base, base + RUN_FRAMES)):
+                return MFN(base)
+        return None
 
     def populate(self, dom: Domain, gfn: GFN) -> MFN:
         """Back one guest frame with a fresh zeroed machine frame (P2M and M2P)."""
@@ -145,11 +192,15 @@ class Machine:
         if not self._free:
             raise RefmodelError("out of machine frames")
         mfn = self._free.pop(0)
+        self._assign(dom, gfn, mfn)
+        return mfn
+
+    def _assign(self, dom: Domain, gfn: GFN, mfn: MFN) -> None:
+        """Give free machine frame ``mfn``, zeroed, to ``dom`` as its ``gfn``."""
         self.owner[mfn] = dom.domid
         self.m2p[mfn] = gfn
         dom.p2m[gfn] = mfn
         self.mem.load_frame(mfn, bytes(1 << PAGE_SHIFT))
-        return mfn
 
     def alloc_xen_frame(self) -> MFN:
         """A zeroed hypervisor frame (for shadow and EPT tables)."""

@@ -11,13 +11,15 @@ from ..arch.control import CR3_NOFLUSH, Cr4
 from ..arch.fault import GeneralProtection, PageFault
 from ..arch.mmu import LoadResult, Mmu
 from ..arch.physmem import PhysicalMemory
-from ..arch.pte import Level
+from ..arch.pte import Level, PteFlag
 from ..arch.tlb import Tlb
 from ..arch.types import ENTRY_SIZE, GFN, PAGE_SHIFT
 from ..arch.vcpu import ArchState
 from ..errors import RefmodelError
 from ..guest.ops import MmuBackend, Mode
 
+#: Bits 51:12 of an entry: the frame it references.
+FRAME_MASK = ((1 << 52) - 1) & ~((1 << PAGE_SHIFT) - 1)
 #: TLB geometry shared by every mode: 1536 entries, 12-way (a Skylake-class L2 STLB).
 TLB_CAPACITY = 1536
 TLB_WAYS = 12
@@ -45,8 +47,12 @@ class NativeBackend(MmuBackend):
     With ``pcids`` the OS tags each address space with a PCID (CR4.PCIDE = 1, SDM
     4.10.1) and switches with CR3 bit 63 set — keeping the TLB — when nothing can
     have gone stale since that PCID last ran, as Linux's ``switch_mm_irqs_off`` does
-    with its per-ASID ``tlb_gen``. Here the generation is global and bumped by every
-    page-table write: conservative, never unsound.
+    by comparing the mm's ``tlb_gen`` with the one the ASID last saw. Here each
+    address space has its own generation, bumped by every write to one of its page
+    tables (Linux bumps ``mm->context.tlb_gen`` only when a flush is needed: this is
+    more conservative, never unsound). A table belongs to the address spaces whose
+    root links it, directly or through other tables; a write to a table of no known
+    address space bumps them all.
     """
 
     mode = Mode.NATIVE
@@ -59,8 +65,12 @@ class NativeBackend(MmuBackend):
         self.mmu = Mmu(self.mem, state, Tlb(TLB_CAPACITY, TLB_WAYS, self.counters), self.counters)
         self.pcids = pcids
         self._pcid_of: dict[GFN, int] = {}
-        self._generation = 0  #: bumped by every page-table write
-        self._clean_at: dict[int, int] = {}  #: PCID -> generation when it last left the CPU
+        #: address space (its root frame) -> writes to its tables so far
+        self._generation: dict[GFN, int] = {}
+        self._unowned_writes = 0  #: writes to tables of no known address space
+        #: table frame -> the address spaces (roots) it belongs to
+        self._spaces: dict[GFN, set[GFN]] = {}
+        self._clean_at: dict[int, int] = {}  #: PCID -> its space's generation when it last left the CPU
 
     def _pa(self, gfn: GFN, offset: int = 0) -> int:
         if not 0 <= gfn < self.nr_frames:
@@ -87,11 +97,30 @@ class NativeBackend(MmuBackend):
         return self.mem.read_u64(self._pa(table, index * ENTRY_SIZE))
 
     def write_pte(self, table: GFN, index: int, level: Level, value: int) -> None:
-        self._generation += 1
+        self._stale(table, level, value)
         self.mem.write_u64(self._pa(table, index * ENTRY_SIZE), value)
+
+    def _stale(self, table: GFN, level: Level, value: int) -> None:
+        """Bump the generation of every address space ``table`` belongs to; a table
+        linked by this write joins them."""
+        spaces = self._spaces.get(table)
+        if spaces is None:
+            self._unowned_writes += 1
+            return
+        for root in spaces:
+            self._generation[root] = self._generation.get(root, 0) + 1
+        if level is not Level.L1 and value & PteFlag.P and not value & PteFlag.PS:
+            child = GFN((value & FRAME_MASK) >> PAGE_SHIFT)
+            self._spaces.setdefault(child, set()).update(spaces)
+
+    def generation(self, root: GFN) -> int:
+        """How many writes may have changed the address space rooted at ``root``."""
+        return self._generation.get(root, 0) + self._unowned_writes
 
     def new_table(self, table: GFN, level: Level) -> None:
         self._pa(table)
+        if level is Level.L4:
+            self._spaces[table] = {table}
 
     def lazy_begin(self) -> None:
         pass
@@ -103,9 +132,9 @@ class NativeBackend(MmuBackend):
         value = self._pa(root)
         if self.pcids:
             leaving = self.mmu.state.pcid
-            self._clean_at[leaving] = self._generation
+            self._clean_at[leaving] = self.generation(GFN(self.mmu.state.cr3 >> PAGE_SHIFT))
             pcid = self._pcid_of.setdefault(root, len(self._pcid_of) % 0xFFF + 1)
-            keep = self._clean_at.get(pcid) == self._generation
+            keep = self._clean_at.get(pcid) == self.generation(root)
             value |= pcid | (CR3_NOFLUSH if keep else 0)
         self._mov_cr3(value)
 
