@@ -272,7 +272,12 @@ class ProgramGenerator:
         if frame == SYM_BOOT_L4:
             level = Level.L4
         if level is None:
-            return value  # not a table in use: a plain write, stored as it is
+            # Not a table in use: stored as written, but Xen rewrites it when the
+            # frame is validated as a table later (promote_lN_table), so write it
+            # as a fixed point for the level the frame's role intends.
+            level = next((Level(n) for n in (1, 2, 3, 4) if frame in self.roles.of_level(n)), None)
+        if level is None:
+            return value
         return xen_fixed_point(value, int(level))
 
     # -- requests ------------------------------------------------------------------------------
