@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ...errors import RefmodelError
 from . import program as prog
+from .layout import Dom0Layout, TableDump
 
 XEN_GZ = Path("/boot/xen-4.17-amd64.gz")
 QEMU = "qemu-system-x86_64"
@@ -46,15 +47,6 @@ CONSOLE_TAIL = 40
 
 class XenHarnessError(RefmodelError):
     """Building, booting or running a program in the Xen test kernel went wrong."""
-
-
-@dataclass(frozen=True)
-class TableDump:
-    """One boot page table: its level (4..1), frame and non-zero entries."""
-
-    level: int
-    mfn: int
-    entries: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -91,8 +83,12 @@ class BootRecord:
     #: (only with ``allow_abort``; ``results`` then holds the operations finished)
     aborted: str | None = None
 
+    def layout(self) -> Dom0Layout:
+        """dom0 as the boot left it, as the model's initial state needs it."""
+        return Dom0Layout(self.p2m, self.foreign, self.boot_l4, self.boot_l3, self.tables)
+
     def frame_map(self) -> prog.FrameMap:
-        return prog.FrameMap(self.p2m, self.foreign, self.boot_l4, self.boot_l3)
+        return self.layout().frame_map()
 
     def table(self, mfn: int) -> TableDump:
         for t in self.tables:

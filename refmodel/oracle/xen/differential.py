@@ -45,19 +45,13 @@ from ..trace import (
 )
 from .boot import BootRecord, OpResult, boot
 from .generate import generate
-from .layout import Dom0Layout, TableDump, dom0_header
+from .layout import dom0_header
 from .program import encode, to_machine
 
 
 class XenDivergence(RefmodelError):
     """Xen and the model disagree; the message names the operation and where the
     replayable trace was written."""
-
-
-def layout_of(record: BootRecord) -> Dom0Layout:
-    """What the boot told of dom0, as the model's initial state needs it."""
-    tables = tuple(TableDump(t.level, t.mfn, tuple(t.entries)) for t in record.tables)
-    return Dom0Layout(tuple(record.p2m), tuple(record.foreign), record.boot_l4, record.boot_l3, tables)
 
 
 def observation(op: Op, res: OpResult) -> Observation:
@@ -81,7 +75,7 @@ def recorded_trace(program: Sequence[Op], record: BootRecord, name: str = "") ->
     """The program as Xen ran it: machine frames, Xen's observations, dom0's boot state."""
     if len(record.results) != len(program) and record.aborted is None:
         raise RefmodelError(f"the kernel reported {len(record.results)} results for {len(program)} operations")
-    layout = layout_of(record)
+    layout = record.layout()
     fmap = layout.frame_map()
     steps = tuple(
         Step(op=to_machine(op, fmap), obs=observation(op, res), note=f"program operation {i}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from ...arch.control import Cr0, Cr4, Efer
 from ...arch.pte import Level
-from ...arch.types import ENTRIES_PER_TABLE, PAGE_SIZE
+from ...arch.types import ENTRIES_PER_TABLE
 from ...guest.ops import Mode
 from ..trace import DomainInit, Header, MachineInit, VcpuInit
 from .program import FrameMap, KERNEL_BASE, NR_FOREIGN
@@ -128,4 +128,4 @@ def synthetic_layout(nr_pages: int = SYNTHETIC_PAGES) -> Dom0Layout:
     return Dom0Layout(p2m, foreign, l4, l3, tables)
 
 
-__all__ = ["Dom0Layout", "TableDump", "dom0_header", "synthetic_layout", "RAM_FRAMES", "PAGE_SIZE"]
+__all__ = ["Dom0Layout", "TableDump", "dom0_header", "synthetic_layout", "RAM_FRAMES"]

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeGuard
 
@@ -235,14 +235,6 @@ class FrameMap:
         if f.tag is Tag.ENTRY:
             return self.entry(f.value)
         return f.value
-
-
-def iter_ops(ops: Iterable[Op]) -> Iterable[Op]:
-    """Every operation, multicall entries after their multicall."""
-    for op in ops:
-        yield op
-        if isinstance(op, Multicall):
-            yield from iter_ops(op.calls)
 
 
 def is_hypercall(op: Op) -> TypeGuard[Hypercall]:
