@@ -15,13 +15,14 @@ equivalence property), and the report says so only after checking it.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .account.costs import Cause, CostTable
 from .account.events import Counters, Event, ExitReason
 from .arch.access import AccessKind
 from .arch.types import PAGE_SIZE
-from .guest.kernel import GuestKernel, Observation, PteFlavour
+from .guest.kernel import GuestKernel, Observation, PageTableView, PteFlavour, as_stored_by
+from .guest.ops import MmuBackend
 from .hv.modes import GUEST_FRAMES, ModeSpec, build_backend
 
 #: Where the scenarios map their buffer (an ordinary user address, 2 MiB aligned).
@@ -35,12 +36,26 @@ class GuestRecord:
     observations: tuple[Observation, ...]
     page_tables: tuple[tuple[int, tuple[tuple[int, tuple[int, int]], ...]], ...]
 
+    def as_stored_by(self, backend: MmuBackend) -> "GuestRecord":
+        """This record's leaves as ``backend`` stores them (:func:`~refmodel.guest.kernel.as_stored_by`)."""
+        return GuestRecord(self.observations, record_tables(as_stored_by(dict(self.page_tables_view()), backend)))
+
+    def page_tables_view(self) -> PageTableView:
+        return {pid: dict(leaves) for pid, leaves in self.page_tables}
+
+
+def record_tables(view: PageTableView) -> tuple[tuple[int, tuple[tuple[int, tuple[int, int]], ...]], ...]:
+    """A page-table view as a hashable, ordered record."""
+    return tuple((pid, tuple(sorted(leaves.items()))) for pid, leaves in sorted(view.items()))
+
 
 @dataclass(frozen=True)
 class RunResult:
     spec: ModeSpec
     counters: Counters
     record: GuestRecord
+    #: The backend the record came from: it says how its mode stores entries.
+    backend: MmuBackend | None = field(default=None, compare=False)
 
 
 Workload = Callable[[GuestKernel, int], None]
@@ -96,17 +111,17 @@ def run_workload(
     workload(kernel, pid)
     counted = backend.counters.since(before)
     view = kernel.page_table_view()
-    record = GuestRecord(
-        tuple(kernel.observations),
-        tuple((pid, tuple(sorted(leaves.items()))) for pid, leaves in sorted(view.items())),
-    )
-    return RunResult(spec, counted, record)
+    record = GuestRecord(tuple(kernel.observations), record_tables(view))
+    return RunResult(spec, counted, record, backend)
 
 
 def equivalent(results: list[RunResult]) -> list[str]:
-    """Modes whose guest-visible record differs from the first one (empty: all agree)."""
+    """Modes whose guest-visible record differs from the first one's (empty: all
+    agree), the first one's leaves taken as each mode stores them (Xen PV adds bits,
+    :mod:`refmodel.hv.pv.adjust`). The first result must be of a mode that stores
+    entries as written (native)."""
     first = results[0].record
-    return [r.spec.label for r in results[1:] if r.record != first]
+    return [r.spec.label for r in results[1:] if r.record != (first if r.backend is None else first.as_stored_by(r.backend))]
 
 
 @dataclass(frozen=True)

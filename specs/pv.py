@@ -68,6 +68,8 @@ UPPER_DISALLOW = PTE_FLAG_BITS & ~BASE_ALLOWED
 #: ``L1_DISALLOW_MASK``: the base mask with G allowed (cache attributes need I/O
 #: privilege, which no modelled domain has).
 L1_DISALLOW = UPPER_DISALLOW & ~(1 << w.G)
+#: ``_PAGE_GUEST_KERNEL`` (pte bit 52) and G: the bits ``adjust_guest_l1e`` adds.
+_GUEST_KERNEL, _G = 1 << 52, 1 << w.G
 #: ``FASTPATH_FLAG_WHITELIST``: NX, AVAIL_HIGH, AVAIL, G, D, A, US.
 FASTPATH_WHITELIST = (1 << 63) | (0x7FF << 52) | (0x7 << 9) | (1 << w.G) | _D | _A | _US
 
@@ -201,12 +203,32 @@ def retyped(s: State, n: Expr, wr: Expr) -> Expr:
 
 
 def clear_xen_slots(mem: Expr, n: Expr) -> Expr:
-    """``init_xen_l4_slots``: a newly validated L4's slots 256..271 are Xen's (the
-    model writes them not present)."""
-    return w.lam(
-        w.KeyS, "xk",
-        lambda k: z3.If(z3.And(n[w.key_frame(k)] == L4_T, xen_slot(w.key_index(k))), w.word(0), mem[k]),
-    )
+    """A newly validated table's entries as ``promote_lN_table`` leaves them: each
+    rewritten by :func:`adjust_guest_entry`, and for an L4 slots 256..271 Xen's
+    (``init_xen_l4_slots``; the model writes them not present)."""
+    def entry(k: Expr) -> Expr:
+        level = n[w.key_frame(k)]
+        return z3.If(
+            level == 0, mem[k],
+            z3.If(z3.And(level == L4_T, xen_slot(w.key_index(k))), w.word(0), adjust_guest_entry(mem[k], level)),
+        )
+    return w.lam(w.KeyS, "xk", entry)
+
+
+def adjust_guest_l1e(e: Expr) -> Expr:
+    """``adjust_guest_l1e`` (xen/arch/x86/pv/mm.h 89-109; refmodel/hv/pv/adjust.py):
+    a present kernel entry (no U) gains U and ``_PAGE_GUEST_KERNEL``; then one
+    without ``_PAGE_GUEST_KERNEL`` gains G and U."""
+    kernel = z3.If(e & w.word(_US) == 0, e | w.word(_GUEST_KERNEL | _US), e)
+    user = z3.If(kernel & w.word(_GUEST_KERNEL) == 0, kernel | w.word(_G | _US), kernel)
+    return z3.If(w.present(e), user, e)
+
+
+def adjust_guest_entry(e: Expr, level: Expr) -> Expr:
+    """``adjust_guest_l1e`` .. ``adjust_guest_l4e``: L1 as above; a present L2/L3
+    entry gains U, a present L4 entry A and U."""
+    upper = e | w.word(_US) | z3.If(level == L4_T, w.word(_A), w.word(0))
+    return z3.If(level == L1_T, adjust_guest_l1e(e), z3.If(w.present(e), upper, e))
 
 
 def devalidation_choice(post: State, d: Expr, pre: State) -> Expr:
@@ -304,11 +326,12 @@ def mod_l1(s: State, a: dict[str, Expr], table: Expr, index: Expr, new: Expr) ->
     dom = s.cur_dom
     old = s.mem[w.key(table, index)]
     n, wr = a["n"], a["wr"]
+    stored = adjust_guest_l1e(new)
     ok = z3.Or(
         z3.Not(w.present(new)),
-        z3.And(l1_flags_ok(new), z3.Or(fast_path(old, new), l1e_ok(s, n, new, dom))),
+        z3.And(l1_flags_ok(new), z3.Or(fast_path(old, stored), l1e_ok(s, n, stored, dom))),
     )
-    takes_writable = z3.And(w.present(new), z3.Not(fast_path(old, new)), w.writable(new))
+    takes_writable = z3.And(w.present(new), z3.Not(fast_path(old, stored)), w.writable(new))
     t = w.target(new)
     return ok, z3.Implies(takes_writable, z3.Or(s.ptype[t] == WRITABLE_T, wr[t]))
 
@@ -340,7 +363,7 @@ def pv_mmu_update_l1(s: State, a: dict[str, Expr]) -> Step:
     table, index, value = a["table"], a["index"], a["value"]
     l1_ok, l1_w = mod_l1(s, a, table, index, value)
     ok = z3.And(_mmu_update_guard(s, a), s.validated[table], s.ptype[table] == L1_T, l1_ok)
-    post, choice = with_types(s, a, z3.Store(s.mem, w.key(table, index), value))
+    post, choice = with_types(s, a, z3.Store(s.mem, w.key(table, index), adjust_guest_l1e(value)))
     return Step(ok=ok, post=post, choice=z3.And(choice, l1_w))
 
 
@@ -356,10 +379,11 @@ def pv_mmu_update_upper(s: State, a: dict[str, Expr]) -> Step:
     level = s.ptype[table]
     old = s.mem[w.key(table, index)]
     t = w.target(new)
+    stored = adjust_guest_entry(new, level)
     below = z3.And(s.owner[t] == s.cur_dom, s.validated[t], s.ptype[t] == level - 1)
     ok_new = z3.Or(
         z3.Not(w.present(new)),
-        z3.And(upper_flags_ok(new), z3.Or(fast_path(old, new), below, linear_ok(s, new, table, level, s.cur_dom))),
+        z3.And(upper_flags_ok(new), z3.Or(fast_path(old, stored), below, linear_ok(s, new, table, level, s.cur_dom))),
     )
     ok = z3.And(
         _mmu_update_guard(s, a), s.validated[table], z3.UGE(level, int(PageType.L2)),
@@ -367,7 +391,7 @@ def pv_mmu_update_upper(s: State, a: dict[str, Expr]) -> Step:
     )
     post = with_fields(
         s,
-        mem=z3.Store(s.mem, w.key(table, index), new),
+        mem=z3.Store(s.mem, w.key(table, index), stored),
         tlb_valid=w.lam(w.SlotS, "ux", lambda x: z3.And(s.tlb_valid[x], a["keep"][x])),
     )
     return Step(ok=ok, post=post)
@@ -460,7 +484,7 @@ def pv_update_va_mapping(s: State, a: dict[str, Expr]) -> Step:
         s.is_mode(v, DomMode.PV), found, s.owner[table] == s.cur_dom,
         s.validated[table], s.ptype[table] == L1_T, l1_ok,
     )
-    post, choice = with_types(s, a, z3.Store(s.mem, w.key(table, index), value))
+    post, choice = with_types(s, a, z3.Store(s.mem, w.key(table, index), adjust_guest_l1e(value)))
     flushed = drop(post, lambda x: z3.And(post.tlb_vpid[x] == s.vcpu_vpid[v], z3.Not(post.tlb_g[x])))
     invlpged = invlpg_here(post, vpn)
     post = with_fields(

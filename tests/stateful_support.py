@@ -37,7 +37,7 @@ from refmodel.arch.tlb import Tlb
 from refmodel.arch.vcpu import ArchState
 from refmodel.arch.types import MFN, PAGE_SHIFT, PAGE_SIZE
 from refmodel.arch.walk import EntryMemory, PagingContext, Rights, Translation, walk
-from refmodel.guest.kernel import GuestKernel, Observation, Process, Vma
+from refmodel.guest.kernel import FaultLoop, GuestKernel, Observation, Process, Vma
 from refmodel.guest.ops import MmuBackend
 from refmodel.hv.hap import EptRights, HapBackend
 from refmodel.hv.hap.mmu import CombinedTlbEntry
@@ -247,7 +247,15 @@ def apply_op(kernel: GuestKernel, op: GuestOp) -> bool:
         if frames_left(kernel) < 8:
             return False
         va = REGIONS[op.region] + op.page * PAGE_SIZE + op.offset
-        kernel.touch(va, op.kind, stored_value(kernel, op.value))
+        try:
+            kernel.touch(va, op.kind, stored_value(kernel, op.value))
+        except FaultLoop:
+            if kernel not in SELF_MAPPING:
+                raise
+            # The guest's own stores rewrote its tables under its bookkeeping (an
+            # upper entry it believes present is not): every mode loops alike, and
+            # the faults it took are in the record.
+            return True
         if kernel in SELF_MAPPING and op.kind is AccessKind.WRITE:
             kernel.mmu.flush_tlb()  # the store may have edited a page table
         return True

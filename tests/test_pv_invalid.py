@@ -157,6 +157,10 @@ def test_validation_failure_deep_in_a_tree_undoes_everything(world: PvWorld) -> 
     world.machine.mem.write_u64(world.maddr(l1, 1), world.entry(L1, USER_RW))
     before = world.snapshot()
     refused(world, world.pin(l3, Level.L3), EBUSY)
+    # promote_l1_table stores each validated entry rewritten (adjust_guest_l1e) and
+    # leaves it so when a later slot fails; only the references are given back.
+    assert world.read(l1, 0) == world.stored(DATA, USER_RW) != world.entry(DATA, USER_RW)
+    world.machine.mem.write_u64(world.maddr(l1, 0), world.entry(DATA, USER_RW))
     assert world.snapshot() == before
     assert world.state(DATA).count == 0  # DATA's writable reference was given back
 
@@ -301,8 +305,8 @@ def test_a_batch_stops_at_its_first_error(world: PvWorld) -> None:
         ]
     )
     assert result == BatchResult(EBUSY, 2)
-    assert world.read(L1, 1) == world.entry(DATA, USER_RW)
-    assert world.read(L1, 2) == world.entry(DATA + 1, USER_RO)
+    assert world.read(L1, 1) == world.stored(DATA, USER_RW)
+    assert world.read(L1, 2) == world.stored(DATA + 1, USER_RO)
     assert world.read(L1, 3) == 0 and world.read(L1, 4) == 0
     assert world.state(DATA + 2).count == 0
 
@@ -337,8 +341,8 @@ def test_a_multicall_goes_on_after_a_failing_entry(world: PvWorld) -> None:
     assert out.rc == 0
     assert [e.result for e in out.entries] == [EBUSY, EINVAL, ENOSYS, 0, 0]
     assert world.read(L1, 1) == 0
-    assert world.read(L1, 2) == world.entry(DATA, USER_RW)
-    assert world.read(L1, 3) == world.entry(DATA + 1, USER_RO)
+    assert world.read(L1, 2) == world.stored(DATA, USER_RW)
+    assert world.read(L1, 3) == world.stored(DATA + 1, USER_RO)
     assert not world.vcpu.in_multicall
 
 

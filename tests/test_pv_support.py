@@ -23,6 +23,7 @@ from refmodel.hv.pv import (
     PvVcpu,
     frame_table_of,
 )
+from refmodel.hv.pv.adjust import adjust_guest_entry
 from refmodel.hv.pv.hypercall import mmu_update, mmuext_op
 from refmodel.hv.pv.pagetype import guest_slots, read_entry
 from refmodel.hv.pv.pteflags import entry_mfn
@@ -67,6 +68,11 @@ class PvWorld:
 
     def entry(self, gfn: int, flags: int, dom: Domain | None = None) -> int:
         return (self.mfn(gfn, dom) << PAGE_SHIFT) | flags
+
+    def stored(self, gfn: int, flags: int, level: Level = Level.L1, dom: Domain | None = None) -> int:
+        """The entry Xen leaves after storing ``entry(gfn, flags)`` in a table of
+        ``level`` (``adjust_guest_lNe``, refmodel/hv/pv/adjust.py)."""
+        return adjust_guest_entry(self.entry(gfn, flags, dom), level)
 
     def read(self, table: int, slot: int) -> int:
         return self.machine.mem.read_u64(self.maddr(table, slot))

@@ -13,12 +13,10 @@ from refmodel.hv.machine import DOMID_SELF
 from refmodel.arch.types import PAGE_SHIFT
 from refmodel.hv.pv import Errno, MmuextCmd, MmuextOp, MmuUpdate, PvStat, PvVcpu, neg
 from refmodel.hv.pv.hypercall import mmu_update, mmuext_op, update_va_mapping_otherdomain
+from refmodel.hv.pv.adjust import adjust_guest_l1e
 from refmodel.hv.pv.pteflags import PTE_ADDR_BITS
-from test_pv_support import DATA, L1, L2, L4, TABLE, USER_RO, USER_RW, PvWorld, audit
+from test_pv_support import DATA, L1, L2, L3, L4, TABLE, USER_RO, USER_RW, PvWorld, audit
 
-#: Bits Xen may add to a guest's entry as it stores it (``adjust_guest_l1e``: G, and
-#: ``_PAGE_GUEST_KERNEL``); a test comparing a stored entry ignores them.
-ADJUSTED = int(PteFlag.G) | (1 << 52)
 
 
 @pytest.fixture
@@ -113,7 +111,7 @@ def test_update_va_mapping_otherdomain_domid_is_domid_t(world: PvWorld) -> None:
     the hypercall argument is truncated to 16 bits."""
     entry = world.entry(DATA, USER_RW)
     assert update_va_mapping_otherdomain(world.vcpu, 0x1000, entry, 0, 0x3_0000 | DOMID_SELF) == 0
-    assert world.read(L1, 1) & ~ADJUSTED == entry
+    assert world.read(L1, 1) == adjust_guest_l1e(entry)
     assert update_va_mapping_otherdomain(world.vcpu, 0x2000, entry, 0, 0x1_0009) == neg(Errno.ESRCH)  # domain 9
 
 
@@ -154,14 +152,14 @@ def test_iomem_permitted_frame_is_mapped_without_a_type_reference(world: PvWorld
     mmio = 0x100000
     world.dom.iomem_caps = ((mmio, mmio + 15),)
     assert world.update(L1, 1, mmio_entry(world, mmio + 3, USER_RW)) == 0
-    assert world.read(L1, 1) & ~ADJUSTED == mmio_entry(world, mmio + 3, USER_RW | int(PteFlag.PWT | PteFlag.PCD))
+    assert world.read(L1, 1) == adjust_guest_l1e(mmio_entry(world, mmio + 3, USER_RW | int(PteFlag.PWT | PteFlag.PCD)))
     assert world.ft.state(mmio + 3).count == 0
     wt = USER_RW | int(PteFlag.PWT)  # write-through -> PCD added (UC)
     assert world.update(L1, 2, mmio_entry(world, mmio + 4, wt)) == 0
-    assert world.read(L1, 2) & ~ADJUSTED == mmio_entry(world, mmio + 4, wt | int(PteFlag.PCD))
+    assert world.read(L1, 2) == adjust_guest_l1e(mmio_entry(world, mmio + 4, wt | int(PteFlag.PCD)))
     uc = USER_RW | int(PteFlag.PWT | PteFlag.PCD)  # already uncachable: no flip
     assert world.update(L1, 3, mmio_entry(world, mmio + 5, uc)) == 0
-    assert world.read(L1, 3) & ~ADJUSTED == mmio_entry(world, mmio + 5, uc)
+    assert world.read(L1, 3) == adjust_guest_l1e(mmio_entry(world, mmio + 5, uc))
     assert world.update(L1, 4, mmio_entry(world, mmio + 16, USER_RW)) == neg(Errno.EPERM)  # outside the range
     assert world.update(L1, 4, INVALID_MFN_ENTRY) == neg(Errno.EINVAL)
     assert world.update(L1, 1, 0) == 0  # unmapping drops no reference
@@ -190,7 +188,7 @@ def test_iomem_mapping_in_a_validated_l1_is_flipped() -> None:
     world.dom.iomem_caps = ((mmio, mmio),)
     world.machine.mem.write_u64(world.maddr(L1, 1), mmio_entry(world, mmio, USER_RO))
     assert world.pin(L1, Level.L1) == 0
-    assert world.read(L1, 1) & ~ADJUSTED == mmio_entry(world, mmio, USER_RO | int(PteFlag.PWT | PteFlag.PCD))
+    assert world.read(L1, 1) == adjust_guest_l1e(mmio_entry(world, mmio, USER_RO | int(PteFlag.PWT | PteFlag.PCD)))
 
 
 # -- 5. the old target of an L2..L4 entry is put after the batch's flush --------------------------------
@@ -228,3 +226,67 @@ def test_each_deferred_put_ends_an_invocation_with_its_flush(world: PvWorld) -> 
     result = world.updates([(L2, 0, world.entry(L1, TABLE)), (L2, 1, world.entry(L1B, TABLE))])
     assert world.machine.counters[Event.TLB_FLUSH_GLOBAL] == flushes + 1
     assert not audit(world.ft, [world.vcpu])
+
+
+# -- 6. Xen rewrites the entries it stores (xen/arch/x86/pv/mm.h adjust_guest_lNe) -------------------
+KERNEL_RW = int(PteFlag.P | PteFlag.RW)  #: a guest-kernel mapping: U clear
+GUEST_KERNEL = 1 << 52  #: ``_PAGE_GUEST_KERNEL`` (asm/x86_64/page.h 142)
+
+
+def test_upper_entries_gain_u_and_the_l4_gains_a(world: PvWorld) -> None:
+    """``adjust_guest_l4e`` adds A and U, ``adjust_guest_l2e``/``_l3e`` U (mm.c 2281,
+    2343, 2405); a not-present entry is stored as written."""
+    assert world.read(L4, 0) == world.entry(L3, TABLE | int(PteFlag.A))
+    kernel_table = int(PteFlag.P | PteFlag.RW)
+    assert world.update(L3, 0, world.entry(L2, kernel_table)) == 0
+    assert world.read(L3, 0) == world.entry(L2, kernel_table | int(PteFlag.US))
+    assert world.update(L2, 0, world.entry(L1, kernel_table)) == 0
+    assert world.read(L2, 0) == world.entry(L1, kernel_table | int(PteFlag.US))
+    assert world.update(L2, 1, 0x7FE) == 0  # not present: untouched
+    assert world.read(L2, 1) == 0x7FE
+
+
+def test_kernel_mappings_gain_u_and_guest_kernel_user_mappings_gain_g(world: PvWorld) -> None:
+    """``adjust_guest_l1e`` (mm.c 2201): no U -> U | _PAGE_GUEST_KERNEL; then no
+    _PAGE_GUEST_KERNEL -> G | U. A kernel mapping with G keeps it (a warning only)."""
+    assert world.map_page(0x1000, DATA, KERNEL_RW) == 0
+    assert world.read(L1, 1) == world.entry(DATA, KERNEL_RW | int(PteFlag.US) | GUEST_KERNEL)
+    assert world.map_page(0x2000, DATA + 1, USER_RO) == 0
+    assert world.read(L1, 2) == world.entry(DATA + 1, USER_RO | int(PteFlag.G))
+    assert world.map_page(0x3000, DATA + 2, KERNEL_RW | int(PteFlag.G)) == 0
+    assert world.read(L1, 3) == world.entry(DATA + 2, KERNEL_RW | int(PteFlag.G | PteFlag.US) | GUEST_KERNEL)
+    assert update_va_mapping_otherdomain(world.vcpu, 0x4000, world.entry(DATA + 3, KERNEL_RW), 0, DOMID_SELF) == 0
+    assert world.read(L1, 4) == world.entry(DATA + 3, KERNEL_RW | int(PteFlag.US) | GUEST_KERNEL)
+
+
+def test_a_ring_3_guest_kernel_reaches_its_kernel_mappings(world: PvWorld) -> None:
+    """Why Xen adds U: a 64-bit PV kernel runs in ring 3, so a mapping it made
+    without U must still let a user-mode access through."""
+    assert world.map_page(0x1000, DATA, KERNEL_RW) == 0
+    mmu = world.vcpu.mmu
+    mmu.state = replace(mmu.state, cpl=3)
+    assert isinstance(mmu.store(0x1000, 7), Translation)
+
+
+def test_the_fast_path_compares_the_rewritten_entry(world: PvWorld) -> None:
+    """Xen rewrites the new entry *before* ``l1e_has_changed``: writing the same
+    mapping again without the bits Xen added is a fast-path update."""
+    assert world.map_page(0x1000, DATA, KERNEL_RW) == 0
+    fast = world.ft.stats[PvStat.FAST_PATH]
+    assert world.map_page(0x1000, DATA, KERNEL_RW) == 0
+    assert world.ft.stats[PvStat.FAST_PATH] == fast + 1
+    assert world.read(L1, 1) == world.entry(DATA, KERNEL_RW | int(PteFlag.US) | GUEST_KERNEL)
+
+
+def test_validation_rewrites_the_entries_of_a_new_table(world: PvWorld) -> None:
+    """``promote_l1_table`` stores ``adjust_guest_l1e`` of each entry it validates
+    (mm.c 1359), ``promote_l4_table`` ``adjust_guest_l4e`` (1824)."""
+    l1, l4 = 20, 21
+    world.machine.mem.write_u64(world.maddr(l1, 0), world.entry(DATA, KERNEL_RW))
+    world.machine.mem.write_u64(world.maddr(l1, 1), world.entry(DATA + 1, USER_RW))
+    assert world.pin(l1, Level.L1) == 0
+    assert world.read(l1, 0) == world.entry(DATA, KERNEL_RW | int(PteFlag.US) | GUEST_KERNEL)
+    assert world.read(l1, 1) == world.entry(DATA + 1, USER_RW | int(PteFlag.G))
+    world.machine.mem.write_u64(world.maddr(l4, 0), world.entry(L3, int(PteFlag.P)))
+    assert world.pin(l4, Level.L4) == 0
+    assert world.read(l4, 0) == world.entry(L3, int(PteFlag.P | PteFlag.US | PteFlag.A))

@@ -25,6 +25,8 @@ What is vectorized, honestly:
      *writable* type references (``get_page_from_l1e`` / ``put_page_from_l1e``),
      and a writable reference on a table in use fails;
    - the old entry of each request is the entry before the run (no entry twice);
+   - Xen's rewrite of a present entry (``adjust_guest_l1e``) is a function of the
+     entry alone, so it is applied to the whole array before the fast-path test;
    - the flag whitelist (``l1_disallow_mask``), the fast-path test
      (``l1e_has_changed``), MMIO without I/O memory permission (-EPERM; -EINVAL
      for INVALID_MFN) and the owner of the mapped frame (-EBUSY) are functions of
@@ -74,6 +76,7 @@ from ..hv.pv.abi import MMU_CMD_MASK, BatchResult, MmuCmd, MmuUpdate, domid_t
 from ..hv.pv.errno import Errno, neg
 from ..hv.pv.mmu_update import end_invocation, mmu_update_one
 from ..hv.pv.pagetype import INVALID_MFN, FrameTable, PageType, PvStat, cache_flush_permitted
+from ..hv.pv.adjust import GUEST_KERNEL
 from ..hv.pv.pteflags import FASTPATH_FLAG_WHITELIST, PTE_ADDR_BITS, PTE_FLAG_BITS, l1_disallow_mask
 from ..hv.pv.vcpu import PvVcpu, get_pg_owner, xsm_target_allowed
 from .snapshot import LE_U64, WORDS_PER_FRAME
@@ -89,6 +92,8 @@ _P = np.uint64(int(PteFlag.P))
 _RW = np.uint64(int(PteFlag.RW))
 _AD = np.uint64(int(PteFlag.A | PteFlag.D))
 _ADDR = np.uint64(PTE_ADDR_BITS)
+_US = np.uint64(int(PteFlag.US))
+_G = np.uint64(int(PteFlag.G))
 #: ``l1e_has_changed(old, new, ~FASTPATH_FLAG_WHITELIST)``: the bits that must not differ
 _REVALIDATE = np.uint64(PTE_ADDR_BITS | (PTE_FLAG_BITS & ~FASTPATH_FLAG_WHITELIST))
 _TYPES: tuple[PageType, ...] = tuple(PageType)
@@ -292,6 +297,7 @@ def screen_run(v: PvVcpu, pg_owner: Domain, ptr: U64, val: U64, start: int, stop
     # mod_l1_entry: flags, the fast path, get_page_from_l1e (SDM-free: Xen's rules)
     present = l1 & ((new & _P) != 0)
     bad_flags = present & ((new & np.uint64(l1_disallow_mask(cache_flush_permitted(v.domain)))) != 0)
+    new = np.where(present & ~bad_flags, adjust_guest_l1e_array(new), new)
     fast_path = present & ~bad_flags & ((old ^ new) & _REVALIDATE == 0)
     checked = present & ~bad_flags & ~fast_path
     target = (new & _ADDR) >> np.uint64(PAGE_SHIFT)
@@ -349,6 +355,16 @@ def screen_run(v: PvVcpu, pg_owner: Domain, ptr: U64, val: U64, start: int, stop
         get_frames=target[g], get_keys=2 * keys[g], put_frames=old_target[pu], put_keys=2 * keys[pu] + 1,
         m2p_mfns=table[mp], m2p_gfns=new[mp],
     )
+
+
+def adjust_guest_l1e_array(entries: U64) -> U64:
+    """:func:`refmodel.hv.pv.adjust.adjust_guest_l1e` on an array of present
+    entries: U and ``_PAGE_GUEST_KERNEL`` where U is clear, then G and U where
+    ``_PAGE_GUEST_KERNEL`` is clear."""
+    kernel = (entries & _US) == 0
+    entries = np.where(kernel, entries | np.uint64(GUEST_KERNEL) | _US, entries)
+    user = (entries & np.uint64(GUEST_KERNEL)) == 0
+    return np.where(user, entries | _G | _US, entries)
 
 
 def apply_run(v: PvVcpu, run: Run) -> None:

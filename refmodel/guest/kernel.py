@@ -12,7 +12,8 @@ lazy-MMU section, which a PV backend turns into batched hypercalls.
 
 Everything the guest can observe is recorded in :attr:`GuestKernel.observations`,
 and :meth:`GuestKernel.page_table_view` reads its leaf entries back (A/D included):
-the same workload must give the same record under every mode.
+the same workload must give the same record under every mode, up to the bits a
+hypervisor adds to the entries it stores (:func:`as_stored_by`).
 
 Which flags it writes (:class:`PteFlavour`): by default the ones Linux writes —
 A in every user leaf, D in every writable anonymous leaf, A and D in every table
@@ -50,6 +51,12 @@ AD = int(PteFlag.A | PteFlag.D)
 #: User-space addresses end below the canonical hole.
 USER_TOP = 1 << 47
 FRAME_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
+
+
+class FaultLoop(RefmodelError):
+    """The handler resolved a fault four times and the access still faults: the
+    page tables are not what the kernel believes (a bug, unless the guest stored
+    into its own page tables through a self-mapping)."""
 
 
 @dataclass(frozen=True)
@@ -378,7 +385,7 @@ class GuestKernel:
             self.mmu.counters.add(Event.GUEST_PAGE_FAULT)
             if not self.handle_page_fault(self.current, out):
                 return  # SIGSEGV: the process just does not get its access
-        raise RefmodelError(f"touch {va:#x}: fault handler did not make progress")
+        raise FaultLoop(f"touch {va:#x}: fault handler did not make progress")
 
     def handle_page_fault(self, proc: Process, fault: PageFault) -> bool:
         """Demand paging and copy-on-write (Linux ``handle_mm_fault``). Returns False
@@ -417,7 +424,8 @@ class GuestKernel:
 
     # -- what the guest can see ----------------------------------------------------------------
     def page_table_view(self) -> dict[int, dict[int, tuple[int, int]]]:
-        """Every mapped leaf of every process as (gfn, flags), flags incl. A/D."""
+        """Every mapped leaf of every process as (gfn, flags), flags incl. A/D and
+        any bits the hypervisor added (:meth:`MmuBackend.stored_entry`)."""
         view: dict[int, dict[int, tuple[int, int]]] = {}
         for pid, proc in sorted(self.processes.items()):
             view[pid] = {}
@@ -425,3 +433,16 @@ class GuestKernel:
                 pte = self._read_leaf(proc, va)
                 view[pid][va] = (int(self.frame_of(pte)), pte & ~FRAME_MASK)
         return view
+
+
+PageTableView = dict[int, dict[int, tuple[int, int]]]
+
+
+def as_stored_by(view: PageTableView, backend: MmuBackend) -> PageTableView:
+    """``view`` (of a guest under a mode that stores entries as written, such as
+    native) with every leaf's flags as ``backend`` would store them: what the same
+    guest reads back under ``backend``'s mode if it behaves the same."""
+    return {
+        pid: {va: (gfn, backend.stored_entry(flags, Level.L1)) for va, (gfn, flags) in leaves.items()}
+        for pid, leaves in view.items()
+    }

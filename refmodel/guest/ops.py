@@ -71,6 +71,12 @@ class MmuBackend(ABC):
         lazy section a backend may queue it; it takes effect at the latest at
         :meth:`lazy_end`."""
 
+    def stored_entry(self, entry: int, level: Level) -> int:
+        """The entry a page-table write of ``entry`` at ``level`` leaves behind, as
+        the guest reads it back: what it wrote, unless the hypervisor rewrites
+        entries as it stores them (Xen PV, :mod:`refmodel.hv.pv.adjust`)."""
+        return entry
+
     @abstractmethod
     def new_table(self, table: GFN, level: Level) -> None:
         """Frame ``table`` (zeroed) is about to become a page table of ``level``

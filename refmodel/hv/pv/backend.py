@@ -44,6 +44,7 @@ from ...errors import RefmodelError
 from ...guest.ops import MmuBackend, Mode
 from ..machine import DOMID_SELF, Domain, Machine
 from ..native import hardware_access
+from .adjust import adjust_guest_entry
 from .abi import BatchResult, Hypercall, MmuextCmd, MmuextOp, MmuUpdate, MulticallEntry
 from .errno import errno_name
 from .hypercall import mmu_update, mmuext_op, multicall
@@ -176,6 +177,10 @@ class PvBackend(MmuBackend):
         self._lazy_depth -= 1
         if self._lazy_depth == 0:
             self._issue()
+
+    def stored_entry(self, entry: int, level: Level) -> int:
+        """Xen rewrites every present entry it stores (``adjust_guest_lNe``)."""
+        return adjust_guest_entry(entry, level)
 
     # -- the processor ---------------------------------------------------------------------------
     def load_cr3(self, root: GFN) -> None:

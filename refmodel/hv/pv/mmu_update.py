@@ -29,9 +29,7 @@ guest is not counted.
 Not modelled (xen/arch/x86/mm.c of Xen 4.17): preemption (``hypercall_preempt_check``,
 4050) and the continuations it makes — a batch always runs to completion; a foreign
 page-table owner (``foreigndom >> 16``, 4029-4041); translated (HVM) data owners
-(2166-2199); the rewriting of stored entries (``adjust_guest_l1e`` ..
-``adjust_guest_l4e``, xen/arch/x86/pv/mm.h 89-140, applied at 2201 and in
-mod_l2/l3/l4_entry): the model stores what the guest wrote; the L1TF check of
+(2166-2199); the L1TF check of
 non-present entries (``pv_l1tf_check_l1e`` .. ``_l4e``, 2237, 2301, 2364, 2426:
 -ERESTART and shadow activation; off by default for dom0, ``opt_pv_l1tf_hwdom``,
 xen/arch/x86/spec_ctrl.c 457-477); the XPTI root-table resync
@@ -51,6 +49,7 @@ from ...arch.pte import Level, PteFlag
 from ...arch.types import GFN, PAGE_SHIFT, MFN
 from ...errors import RefmodelError
 from ..machine import DOMID_SELF, Domain
+from .adjust import adjust_guest_l1e, adjust_guest_upper
 from .abi import BatchResult, MmuCmd, MmuUpdate, domid_t
 from .errno import Errno, neg
 from .pagetype import (
@@ -192,7 +191,8 @@ def update_entry(v: PvVcpu, maddr: int, new: int, preserve_ad: bool) -> None:
 
 
 def mod_l1_entry(v: PvVcpu, maddr: int, new: int, table: MFN, preserve_ad: bool, pg_owner: Domain) -> int:
-    """``mod_l1_entry``: a new present entry must pass the L1 flag check; if only
+    """``mod_l1_entry``: a new present entry must pass the L1 flag check and is
+    rewritten as Xen stores it (:func:`.adjust.adjust_guest_l1e`); if only
     whitelisted bits changed (same frame, same P/RW/cache bits) it is written
     without re-validation (the fast path); otherwise ``get_page_from_l1e`` takes its
     references, and the old entry's references are dropped after the write."""
@@ -200,6 +200,7 @@ def mod_l1_entry(v: PvVcpu, maddr: int, new: int, table: MFN, preserve_ad: bool,
     if present(new):
         if new & l1_disallow_mask(cache_flush_permitted(v.domain)):
             return neg(Errno.EINVAL)  # "Bad L1 flags"
+        new = adjust_guest_l1e(new)
         if not entry_has_changed(old, new, FASTPATH_FLAG_WHITELIST):
             v.frames.stats[PvStat.FAST_PATH] += 1
             update_entry(v, maddr, new, preserve_ad)
@@ -215,7 +216,8 @@ def mod_l1_entry(v: PvVcpu, maddr: int, new: int, table: MFN, preserve_ad: bool,
 
 def mod_upper_entry(v: PvVcpu, maddr: int, new: int, table: MFN, level: Level, preserve_ad: bool) -> int:
     """``mod_l2_entry`` / ``mod_l3_entry`` / ``mod_l4_entry``: Xen's own L4 slots are
-    refused (-EINVAL); a new present entry must pass the flag check; the fast path
+    refused (-EINVAL); a new present entry must pass the flag check and gains Xen's
+    bits (:func:`.adjust.adjust_guest_upper`); the fast path
     as for L1 (RW is not whitelisted: linear page tables depend on it); otherwise the
     new target is referenced (validating it), then the old one released — deferred
     (``PTF_defer``: :attr:`PvVcpu.old_guest_table`, see the module docstring)."""
@@ -226,6 +228,7 @@ def mod_upper_entry(v: PvVcpu, maddr: int, new: int, table: MFN, level: Level, p
     if present(new):
         if new & UPPER_DISALLOW_MASK:
             return neg(Errno.EINVAL)  # "Bad L2/L3/L4 flags"
+        new = adjust_guest_upper(new, level)
         if not entry_has_changed(old, new, FASTPATH_PDE_FLAG_WHITELIST):
             v.frames.stats[PvStat.FAST_PATH] += 1
             update_entry(v, maddr, new, preserve_ad)

@@ -36,9 +36,7 @@ Also not modelled (xen/arch/x86/mm.c of Xen 4.17): ``_PAGE_NX`` is always allowe
 cache-attribute refusal for Xen heap pages (-EACCES, 1018-1026) and
 ``_PGT_non_coherent`` tracking (1028-1036); IOMMU maps and unmaps on type changes
 (``need_iommu_pt_sync``, 2474, 3067); the type-count overflow check (-EINVAL, 2900);
-``pv-linear-pt=false`` (677-690: linear page tables are always allowed here); the
-rewriting of validated entries (``adjust_guest_lNe`` in ``promote_lN_table``, 1359,
-1503, 1557, 1588, 1824); the L1TF check during validation (1338, 1444, 1565, 1767).
+``pv-linear-pt=false`` (677-690: linear page tables are always allowed here); the L1TF check during validation (1338, 1444, 1565, 1767).
 """
 
 import enum
@@ -49,6 +47,7 @@ from dataclasses import dataclass
 from ...arch.pte import Level, PteFlag
 from ...arch.types import ENTRIES_PER_TABLE, ENTRY_SIZE, MFN, PAGE_SHIFT, DomId
 from ..machine import Domain, Machine
+from .adjust import adjust_guest_entry
 from .errno import Errno, neg
 from .pteflags import CACHE_ATTRS, PTE_ADDR_BITS, UPPER_DISALLOW_MASK, entry_mfn, l1_disallow_mask, present
 
@@ -294,7 +293,10 @@ def put_page_type(ft: FrameTable, mfn: int, ptpg: int | None = None) -> None:
 # -- validation (promote_lN_table / demote_lN_table) ------------------------------------------
 def validate_table(ft: FrameTable, mfn: int, type_: PageType) -> int:
     """``validate_page`` for a page table: check every guest entry, taking the
-    references each needs; on failure, drop those already taken."""
+    references each needs, and rewrite each entry that passed as Xen does
+    (:mod:`.adjust`; ``promote_lN_table`` stores ``adjust_guest_lNe`` of it, 1359,
+    1503, 1588, 1824). On failure, drop the references already taken; the entries
+    already rewritten stay rewritten, as in Xen."""
     level = type_.level
     assert level is not None
     owner = owner_domain(ft, mfn)
@@ -307,7 +309,7 @@ def validate_table(ft: FrameTable, mfn: int, type_: PageType) -> int:
         if level is Level.L1:
             rc = get_page_from_l1e(ft, entry, owner, owner)
             if rc > 0:  # promote_l1_table: "l1e_flip_flags(pl1e[i], ret)"
-                write_entry(ft, mfn, slot, entry ^ rc)
+                entry ^= rc
                 rc = 0
         else:
             rc = get_page_from_upper_entry(ft, entry, level, mfn, owner)
@@ -315,6 +317,7 @@ def validate_table(ft: FrameTable, mfn: int, type_: PageType) -> int:
             for done in reversed(taken):
                 put_page_from_entry(ft, read_entry(ft, mfn, done), level, mfn, owner)
             return rc
+        write_entry(ft, mfn, slot, adjust_guest_entry(entry, level))
         taken.append(slot)
     if level is Level.L4:
         clear_xen_l4_slots(ft, mfn)

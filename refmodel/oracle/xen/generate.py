@@ -80,29 +80,6 @@ TABLE_FLAGS = 0x67
 #: Bits a bit flip may touch: flags 0-11, Xen's AVAIL_HIGH 52-62, NX 63.
 FLIP_BITS = tuple(range(12)) + tuple(range(52, 64))
 
-#: A model fix still pending (issue 11 item 4; docs/xen-differential.md): while the
-#: model does not apply Xen's ``adjust_guest_lNe`` rewriting, present entries are
-#: written as fixed points of it (Xen then stores what the guest wrote). Set to False
-#: once the model has it, so the generator writes every bit pattern again.
-PENDING_ADJUST_GUEST = True
-_L1_ADJUST = int(PteFlag.US | PteFlag.G)
-_GUEST_KERNEL = 1 << 52
-
-
-def xen_fixed_point(value: int, level: int) -> int:
-    """``value`` with the bits Xen 4.17 adds to a present level-``level`` entry of a
-    64-bit PV guest already set (xen/arch/x86/pv/mm.h ``adjust_guest_l1e`` ..
-    ``adjust_guest_l4e``: L1 U and G (unless _PAGE_GUEST_KERNEL, pte bit 52, which is
-    cleared here), L2/L3 U, L4 A and U), so that Xen stores it unchanged."""
-    if not value & PteFlag.P:
-        return value
-    if level == 1:
-        return (value | _L1_ADJUST) & ~_GUEST_KERNEL
-    if level == 4:
-        return value | int(PteFlag.US | PteFlag.A)
-    return value | int(PteFlag.US)
-
-
 #: Program-visible windows: (boot L4 slot, purpose). Slots 256..271 are Xen's.
 DATA_SLOTS = (1, 300)
 CODE_SLOT = 2
@@ -261,24 +238,7 @@ class ProgramGenerator:
         return self.rng.choice((0, 0, 0, 0, 2, 3))
 
     def pt_req(self, frame: int, slot: int, value: int) -> MmuUpdateReq:
-        return MmuUpdateReq((frame << PAGE_SHIFT) | (slot * 8) | self.cmd_bits(), self.pending(frame, value))
-
-    def pending(self, frame: int, value: int) -> int:
-        """The entry as :data:`PENDING_ADJUST_GUEST` lets it be written into ``frame``."""
-        if not PENDING_ADJUST_GUEST:
-            return value
-        typed = self.page_type(frame)
-        level = typed.level if typed is not None else None
-        if frame == SYM_BOOT_L4:
-            level = Level.L4
-        if level is None:
-            # Not a table in use: stored as written, but Xen rewrites it when the
-            # frame is validated as a table later (promote_lN_table), so write it
-            # as a fixed point for the level the frame's role intends.
-            level = next((Level(n) for n in (1, 2, 3, 4) if frame in self.roles.of_level(n)), None)
-        if level is None:
-            return value
-        return xen_fixed_point(value, int(level))
+        return MmuUpdateReq((frame << PAGE_SHIFT) | (slot * 8) | self.cmd_bits(), value)
 
     # -- requests ------------------------------------------------------------------------------
     def link_req(self) -> MmuUpdateReq | None:
@@ -392,13 +352,7 @@ class ProgramGenerator:
         if self.chance(0.1):
             val = 0
         flags = self.rng.choice((0, 1, 2, 2, 2, 4, 5, 6, MASK_VA | 1, MASK_VA | 2, 3, 7))
-        if PENDING_ADJUST_GUEST:
-            val = xen_fixed_point(val, 1)
         return UpdateVaMapping(va, val, flags)
-
-    def scratch_entry(self, frame: int, flags: int) -> int:
-        value = (frame << PAGE_SHIFT) | flags
-        return xen_fixed_point(value, 1) if PENDING_ADJUST_GUEST else value
 
     # -- operations ----------------------------------------------------------------------------
     def op_mmu_update(self) -> Op | None:
@@ -455,7 +409,7 @@ class ProgramGenerator:
     def op_read_back(self) -> Op:
         """Map any frame read-only at SCRATCH_VA and read one entry of it."""
         frame = self.rng.choice([SYM_BOOT_L4] + self.roles.all())
-        self.emit(UpdateVaMapping(SCRATCH_VA, self.scratch_entry(frame, 0x1), 2))
+        self.emit(UpdateVaMapping(SCRATCH_VA, (frame << PAGE_SHIFT) | 0x1, 2))
         slot = self.rng.choice((0, 1, 2, 3, 300, 511, self.rng.randrange(512)))
         if frame == SYM_BOOT_L4 and 256 <= slot <= 271:
             slot = 1  # Xen's own slots hold Xen's mappings, which the model does not have
@@ -472,20 +426,19 @@ class ProgramGenerator:
         for l4 in self.roles.l4:
             self.emit(MmuUpdate((MmuUpdateReq(l4 << PAGE_SHIFT, self.boot_l3_entry),)))
         for code in self.roles.code:
-            self.emit(UpdateVaMapping(SCRATCH_VA, self.scratch_entry(code, 0x63), 2))
+            self.emit(UpdateVaMapping(SCRATCH_VA, (code << PAGE_SHIFT) | 0x63, 2))
             self.emit(Write(SCRATCH_VA + CODE_OFFSET, RET8))
         for i, slot in enumerate(WINDOW_SLOTS):
             l3, l2, l1 = self.roles.l3[i], self.roles.l2[i], self.roles.l1[i]
             pool = self.roles.code if slot == CODE_SLOT else self.roles.data
-            fix = xen_fixed_point if PENDING_ADJUST_GUEST else (lambda value, level: value)
             reqs = [
-                MmuUpdateReq((SYM_BOOT_L4 << PAGE_SHIFT) | slot * 8, fix((l3 << PAGE_SHIFT) | TABLE_FLAGS, 4)),
-                MmuUpdateReq(l3 << PAGE_SHIFT, fix((l2 << PAGE_SHIFT) | TABLE_FLAGS, 3)),
-                MmuUpdateReq(l2 << PAGE_SHIFT, fix((l1 << PAGE_SHIFT) | TABLE_FLAGS, 2)),
+                MmuUpdateReq((SYM_BOOT_L4 << PAGE_SHIFT) | slot * 8, (l3 << PAGE_SHIFT) | TABLE_FLAGS),
+                MmuUpdateReq(l3 << PAGE_SHIFT, (l2 << PAGE_SHIFT) | TABLE_FLAGS),
+                MmuUpdateReq(l2 << PAGE_SHIFT, (l1 << PAGE_SHIFT) | TABLE_FLAGS),
             ]
             for page in range(WINDOW_PAGES):
                 flags = self.rng.choice((0x67, 0x67, 0x65, 0x27, 0x25)) | (self.rng.choice((0, 0, 1)) << 63)
-                value = fix((self.rng.choice(pool) << PAGE_SHIFT) | flags, 1)
+                value = (self.rng.choice(pool) << PAGE_SHIFT) | flags
                 reqs.append(MmuUpdateReq((l1 << PAGE_SHIFT) | page * 8, value))
             self.emit(MmuUpdate(tuple(reqs)))
 
