@@ -177,16 +177,23 @@ def _shifted(xs: tuple[int, ...], index: int, count: int) -> list[float]:
     return [x * factor for x in xs]
 
 
-def plot(scenarios: list[Scenario], path: Path, title: str) -> None:
-    """Draw every scenario into ``path`` (PNG): a column each, entries into the
-    hypervisor above, estimated cycles below."""
+def require_matplotlib() -> None:
+    """Raise the one-line :class:`RefmodelError` that ``--plot`` needs matplotlib,
+    if it cannot be imported (``refmodel compare`` asks before computing anything)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise RefmodelError("--plot needs matplotlib: pip install 'refmodel[plot]'") from None
+
+
+def plot(scenarios: list[Scenario], path: Path, title: str) -> None:
+    """Draw every scenario into ``path``: a column each, entries into the hypervisor
+    above, estimated cycles below. The image format is the suffix's (png, svg, pdf)."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(3, len(scenarios), figsize=(6 * len(scenarios), 13), squeeze=False)
     handles: dict[str, Any] = {}  #: one line per mode for the shared legend
     for col, scenario in enumerate(scenarios):
@@ -219,9 +226,11 @@ def plot(scenarios: list[Scenario], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.035, 1, 0.97))
     try:
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
     except OSError as err:
         raise RefmodelError(f"cannot write plot {path}: {err.strerror}") from None
+    except ValueError as err:  # a suffix matplotlib has no writer for
+        raise RefmodelError(f"cannot write plot {path}: {err}") from None
     finally:
         plt.close(fig)
 

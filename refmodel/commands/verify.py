@@ -15,6 +15,7 @@ from specs.invariants import INVARIANTS
 from specs.transitions import TRANSITIONS
 
 from ..errors import RefmodelError
+from .options import int_in
 
 #: Short column headings, in INVARIANTS order.
 HEADINGS = ("memory", "hypervisor", "pt (pv)", "shadow", "tlb", "registers")
@@ -22,8 +23,11 @@ HEADINGS = ("memory", "hypervisor", "pt (pv)", "shadow", "tlb", "registers")
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("verify", help="prove the isolation invariants (Z3) for every transition")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="prover processes (default: 2)")
-    p.add_argument("--transition", action="append", default=[], help="only this transition (repeatable)")
+    cpus = os.cpu_count() or 1
+    p.add_argument("--workers", type=int_in(1, cpus), default=min(2, cpus),
+                   help=f"prover processes, 1..{cpus} (this machine's CPUs; default {min(2, cpus)})")
+    p.add_argument("--transition", action="append", default=[], metavar="NAME",
+                   help="only this transition (repeatable; an unknown name lists the known ones)")
     p.add_argument("--negative", action="store_true", help="also run the negative controls (broken transitions)")
     p.set_defaults(func=run)
 
@@ -51,8 +55,6 @@ def print_table(report: proofs.Report) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        raise RefmodelError(f"--workers must be at least 1, got {args.workers}")
     chosen = list(TRANSITIONS)
     if args.transition:
         known = {t.name: t for t in TRANSITIONS}

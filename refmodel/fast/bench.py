@@ -43,6 +43,7 @@ from ..arch.physmem import PhysicalMemory
 from ..arch.pte import PageSize, PteFlag
 from ..arch.types import PAGE_SIZE
 from ..arch.walk import PagingContext, Translation, is_canonical, walk
+from ..commands.options import int_in, int_list, positive_float
 from ..errors import RefmodelError
 from ..hv.hap.ept import RWX, Eptp, make_leaf
 from ..hv.hap.nested import CombinedTranslation, nested_walk
@@ -406,29 +407,40 @@ def run_nested_bench(
     return rows
 
 
+#: The largest batch the bench takes: ten times the default's largest, about 1 GB of
+#: memory at its peak; beyond it a typing mistake would run for hours.
+MAX_N = 10**7
+#: At most this many sizes, and this many repetitions, per run.
+MAX_SIZES, MAX_REPEAT = 16, 100
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default=",".join(str(n) for n in DEFAULT_SIZES),
-                   help="comma-separated batch sizes N (default: 1000,10000,100000,1000000)")
-    p.add_argument("--slow-max-n", type=int, default=max(DEFAULT_SIZES),
+    p.add_argument("--sizes", type=int_list(1, MAX_N, MAX_SIZES), default=",".join(str(n) for n in DEFAULT_SIZES),
+                   help=f"comma-separated batch sizes N, each 1..{MAX_N:,} (1e5 is read as 100000; "
+                   "default: 1000,10000,100000,1000000)")
+    p.add_argument("--slow-max-n", type=int_in(1), default=max(DEFAULT_SIZES), metavar="N",
                    help="measure the slow path up to this N and extrapolate beyond it, marked '*' (default: measure all)")
     p.add_argument("--no-unicorn", action="store_true", help="skip unicorn even if it is installed")
-    p.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--require-ratio", type=float, default=None,
+    p.add_argument("--repeat", type=int_in(1, MAX_REPEAT), default=3,
+                   help=f"best of this many runs, 1..{MAX_REPEAT} (default 3)")
+    p.add_argument("--seed", type=int_in(0, 2**64 - 1), default=1,
+                   help="seed of the random addresses, 0..2^64-1 (default 1): the same seed, the same addresses")
+    p.add_argument("--require-ratio", type=positive_float, default=None, metavar="RATIO",
                    help="exit 1 unless fast/slow at the largest N is at least this (acceptance: 100)")
     p.add_argument("--ept", action="store_true",
                    help="also measure the 2-D translation (guest tables on EPT): nested_walk vs fast.translate_nested")
-    p.add_argument("--ept-slow-max-n", type=int, default=10**5,
+    p.add_argument("--ept-slow-max-n", type=int_in(1), default=10**5, metavar="N",
                    help="with --ept: measure the slow 2-D walk up to this N, extrapolate beyond (default 100000)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    try:
-        sizes = [int(float(s)) for s in str(args.sizes).split(",") if s.strip()]
-    except ValueError:
-        raise RefmodelError(f"--sizes: not a list of numbers: {args.sizes!r}") from None
-    if args.repeat < 1:
-        raise RefmodelError("--repeat must be at least 1")
+    sizes: list[int] = args.sizes
+    if args.slow_max_n < min(sizes):
+        raise RefmodelError(f"--slow-max-n {args.slow_max_n} is below the smallest N ({min(sizes)}): "
+                            "nothing to extrapolate the slow path from")
+    if args.ept and args.ept_slow_max_n < min(sizes):
+        raise RefmodelError(f"--ept-slow-max-n {args.ept_slow_max_n} is below the smallest N ({min(sizes)}): "
+                            "nothing to extrapolate the slow 2-D walk from")
     rows = run_bench(sizes, args.slow_max_n, not args.no_unicorn, args.repeat, args.seed, print)
     if args.ept:
         print("")

@@ -43,6 +43,7 @@ from ..arch.types import PAGE_SHIFT, PAGE_SIZE
 from ..arch.vcpu import ArchState, write_cr0, write_cr3, write_cr4, write_efer
 from ..errors import RefmodelError
 from ..guest.ops import Mode
+from ..inputs import display_name, read_input
 
 #: The format version this module reads and writes.
 TRACE_VERSION = 1
@@ -1101,13 +1102,9 @@ def _parse_lines(lines: Sequence[bytes]) -> Trace:
 
 
 def load_trace(path: str) -> Trace:
-    """Read and parse a trace file (``-`` is not special)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise RefmodelError(f"cannot read trace {path}: {err.strerror}") from None
-    return parse_trace(data, path)
+    """Read and parse a trace file (``-``: standard input, named ``<stdin>`` in
+    messages)."""
+    return parse_trace(read_input(path, "trace"), display_name(path))
 
 
 # ---------------------------------------------------------------------------------
