@@ -74,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else EXIT_OK
     prog = f"refmodel {args.command}"
     if extra:
-        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)", file=sys.stderr)
+        shown = " ".join(arg if arg and arg.isprintable() and " " not in arg else repr(arg) for arg in extra)
+        print(f"{prog}: error: unrecognized arguments: {shown} (see {prog} --help)", file=sys.stderr)
         return EXIT_USAGE
     try:
         code: int = args.func(args)

@@ -17,8 +17,10 @@ STDIN = "-"
 
 
 def display_name(path: str | os.PathLike[str]) -> str:
-    """How messages name an input: ``<stdin>`` for ``-``, else the path as given."""
-    return "<stdin>" if os.fspath(path) == STDIN else os.fspath(path)
+    """How messages name an input: ``<stdin>`` for ``-``, else the path as given
+    (quoted if it holds a line break or another unprintable character)."""
+    name = os.fspath(path)
+    return "<stdin>" if name == STDIN else name if name.isprintable() else repr(name)
 
 
 def read_input(path: str | os.PathLike[str], what: str, limit: int | None = None) -> bytes:

@@ -222,6 +222,8 @@ def test_walk_with_an_unknown_flag_or_option_exits_2(capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
+        (["compare", "\n", "a b"], "unrecognized arguments: '\\n' 'a b' (see refmodel compare --help)"),
+        (["check", "x\ny"], "cannot read trace 'x\\ny': No such file or directory"),
         ([], "refmodel: error: the following arguments are required: COMMAND"),
         (["nosuch"], "refmodel: error: argument COMMAND: invalid choice: 'nosuch'"),
         (["check"], "refmodel check: error: the following arguments are required: trace"),
