@@ -16,6 +16,7 @@ from ..compare import (
 )
 from ..guest.kernel import PteFlavour
 from ..hv.modes import compare_specs as standard_specs
+from ..progress import progress
 from .options import input_file, int_in, plot_file
 
 MAX_PAGES = 4096
@@ -77,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
             tags = ("VPID/PCID-tagged TLB" if tagged else "untagged TLB: every switch flushes") + guest
             status |= report(f"2 domains x 8 rounds, {ws}-page working sets, a vCPU switch per turn ({tags})", results, costs)
     if args.plot is not None:
-        from ..plot import plot, sweep_all
+        from ..plot import plot, points, sweep_all
 
-        swept = sweep_all(specs, standard_specs(args.batch, tagged=False), costs, flavour=flavour)
+        switch_specs = standard_specs(args.batch, tagged=False)
+        with progress(points(specs, switch_specs), "plotting", unit="point") as bar:
+            swept = sweep_all(specs, switch_specs, costs, flavour=flavour, bar=bar)
         tlb = "untagged" if args.untagged else "VPID-tagged"
         plot(swept, args.plot, f"every scenario, every mode ({tlb} TLB in the first two, PV batch {args.batch}{guest})")
         print(f"plot written to {args.plot}")

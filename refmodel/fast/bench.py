@@ -49,6 +49,7 @@ from ..hv.hap.ept import RWX, Eptp, make_leaf
 from ..hv.hap.nested import CombinedTranslation, nested_walk
 from ..hv.hap.tables import Ept
 from ..hv.machine import Machine
+from ..progress import Progress, progress
 from .ept import translate_nested
 from .translate import translate
 
@@ -225,8 +226,11 @@ def _fmt_ratio(a: float | None, b: float | None) -> str:
 
 
 def run_bench(
-    sizes: Sequence[int], slow_max_n: int, use_unicorn: bool, repeat: int, seed: int, out: Callable[[str], None]
+    sizes: Sequence[int], slow_max_n: int, use_unicorn: bool, repeat: int, seed: int, out: Callable[[str], None],
+    bar: Progress | None = None,
 ) -> list[Row]:
+    """Measure every size and print the table through ``out``; ``bar`` (if any) is
+    told each size as it starts and ends."""
     if not sizes or min(sizes) <= 0:
         raise RefmodelError("bench sizes must be positive")
     max_n = max(sizes)
@@ -249,6 +253,8 @@ def run_bench(
     rows: list[Row] = []
     slow_per_addr: float | None = None
     for n in sizes:
+        if bar is not None:
+            bar.doing(f"N={n:,}")
         vas = addresses(n, seed)
         vas_list = [int(v) for v in vas.tolist()]
         fast_pa = run_fast(space, vas)
@@ -278,6 +284,8 @@ def run_bench(
         s, f, u = row.rate(slow_s), row.rate(fast_s), row.rate(uni_s)
         out(f"{n:>9} {_fmt_rate(s, '*' if extrapolated else ''):>14} {_fmt_rate(f):>14} {_fmt_rate(u):>14} "
             f"{_fmt_ratio(f, s):>10} {_fmt_ratio(f, u):>13} {_fmt_ratio(u, s):>13}")
+        if bar is not None:
+            bar.step()
     if any(r.slow_extrapolated for r in rows):
         out(f"  * slow path NOT measured at this N: extrapolated linearly from N={slow_max_n_measured(rows)} (--slow-max-n {slow_max_n})")
     out("  tr/s = translations per second; ld/s = loads per second; slow and fast results were checked equal where measured")
@@ -368,9 +376,11 @@ class NestedRow:
 
 
 def run_nested_bench(
-    sizes: Sequence[int], slow_max_n: int, repeat: int, seed: int, out: Callable[[str], None]
+    sizes: Sequence[int], slow_max_n: int, repeat: int, seed: int, out: Callable[[str], None],
+    bar: Progress | None = None,
 ) -> list[NestedRow]:
-    """The ``--ept`` table: slow and fast 2-D walks of the same addresses."""
+    """The ``--ept`` table: slow and fast 2-D walks of the same addresses (``bar``
+    as for :func:`run_bench`)."""
     if not sizes or min(sizes) <= 0:
         raise RefmodelError("bench sizes must be positive")
     space = build_nested_space()
@@ -383,6 +393,8 @@ def run_nested_bench(
     rows: list[NestedRow] = []
     slow_per_addr: float | None = None
     for n in sizes:
+        if bar is not None:
+            bar.doing(f"2-D, N={n:,}")
         vas = addresses(n, seed)
         fast_pa, fast_refs = run_nested_fast(space, vas)
         if n <= slow_max_n:
@@ -400,6 +412,8 @@ def run_nested_bench(
         rows.append(row)
         out(f"{n:>9} {_fmt_rate(n / slow_s, '*' if extrapolated else ''):>14} {_fmt_rate(n / fast_s):>14} "
             f"{_fmt_ratio(slow_s, fast_s):>10} {row.refs_per_translation:>8.1f}")
+        if bar is not None:
+            bar.step()
     if any(r.slow_extrapolated for r in rows):
         out(f"  * slow 2-D walk NOT measured at this N: extrapolated linearly (--ept-slow-max-n {slow_max_n})")
     out("  refs/tr = guest + EPT memory references per translation; slow and fast results and reference counts "
@@ -441,10 +455,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.ept and args.ept_slow_max_n < min(sizes):
         raise RefmodelError(f"--ept-slow-max-n {args.ept_slow_max_n} is below the smallest N ({min(sizes)}): "
                             "nothing to extrapolate the slow 2-D walk from")
-    rows = run_bench(sizes, args.slow_max_n, not args.no_unicorn, args.repeat, args.seed, print)
-    if args.ept:
-        print("")
-        run_nested_bench(sizes, args.ept_slow_max_n, args.repeat, args.seed, print)
+    with progress(len(sizes) * (2 if args.ept else 1), "bench", unit="size") as bar:
+        rows = run_bench(sizes, args.slow_max_n, not args.no_unicorn, args.repeat, args.seed, bar.print, bar)
+        if args.ept:
+            bar.print("")
+            run_nested_bench(sizes, args.ept_slow_max_n, args.repeat, args.seed, bar.print, bar)
     if args.require_ratio is not None:
         last = rows[-1]
         ratio = last.slow_s / last.fast_s
