@@ -43,6 +43,7 @@ from ..guest.ops import Mode
 from .check import check
 from .replay import annotate
 from .trace import (
+    TRACE_VERSION,
     DomainInit,
     Fetch,
     Header,
@@ -67,6 +68,7 @@ from .trace import (
     VcpuInit,
     Write,
     dump_trace,
+    generator,
 )
 
 #: Core fixtures' physical-address width: unicorn's (QEMU's default phys-bits).
@@ -1448,7 +1450,14 @@ def index_json(fixtures: list[Fixture]) -> str:
         }
         for f in fixtures
     ]
-    return json.dumps({"refmodel_fixtures": 1, "count": len(entries), "fixtures": entries}, indent=1) + "\n"
+    index = {"refmodel_fixtures": INDEX_VERSION, "generator": generator(), "trace_version": TRACE_VERSION,
+             "count": len(entries), "fixtures": entries}
+    return json.dumps(index, indent=1) + "\n"
+
+
+#: The version of ``index.json``'s format; its schema is ``index-schema-v2.json``.
+INDEX_VERSION = 2
+INDEX_SCHEMA_NAME = f"index-schema-v{INDEX_VERSION}.json"
 
 
 def write_fixtures(out: str, fixtures: list[Fixture] | None = None) -> list[Fixture]:

@@ -76,9 +76,9 @@ UVMF_MEANINGS: dict[str, str] = {
     "NONE": "`flags & 3` = 0: no flush",
     "TLB_FLUSH": "`flags & 3` = 1: flush the entire TLB(s)",
     "INVLPG": "`flags & 3` = 2: invalidate only the entry for `va`",
-    "FLUSHTYPE_MASK": "the flush-type field: `flags & 3` (3 is refused, -EINVAL)",
+    "FLUSHTYPE_MASK": "the flush-type field, `flags & 3`: 3 flushes nothing, as 0 does",
     "LOCAL": "`flags & ~3` = 0: this vCPU's TLB (also spelt MULTI with a NULL bitmap)",
-    "ALL": "`flags & ~3` = 4: every vCPU's TLB; any other value is a pointer to a vCPU bitmap",
+    "ALL": "`flags & ~3` = 4: every vCPU's TLB; any other value points to a vCPU bitmap (-EFAULT if unreadable)",
 }
 
 #: When the model's PV hypercalls return each errno (``ret`` = minus the number).
