@@ -54,6 +54,10 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"refmodel.commands.{name}").register(sub)
+    for listed in sub._choices_actions:  # `refmodel COMMAND --help` opens with its one-line summary
+        command = sub.choices[listed.dest]
+        if command.description is None:
+            command.description = listed.help
     return parser
 
 

@@ -246,6 +246,13 @@ def test_help_exits_0_and_names_the_exit_codes(capsys: pytest.CaptureFixture[str
     assert code == 0 and "--version" in out and "2 a usage or input error" in out
 
 
+def test_every_command_help_opens_with_its_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    for parser in _parsers()[1:]:
+        assert parser.description, parser.prog
+        code, out, _ = run(capsys, parser.prog.split()[1], "--help")
+        assert code == 0 and parser.description in " ".join(out.split())
+
+
 def _parsers() -> list[argparse.ArgumentParser]:
     parser = build_parser()
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
