@@ -10,3 +10,13 @@ is wrong.
 
 class RefmodelError(ValueError):
     """A request the model cannot carry out because the request itself is wrong."""
+
+
+class UsageError(RefmodelError):
+    """A command line the program cannot run: an unknown option, a missing argument,
+    a value outside its range. ``prog`` names the command whose usage was wrong
+    (``refmodel walk``); the command line reports it as one line and exit code 2."""
+
+    def __init__(self, message: str, prog: str = "refmodel") -> None:
+        super().__init__(message)
+        self.prog = prog

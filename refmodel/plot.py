@@ -38,6 +38,7 @@ from .compare import RunResult, remap_setup, remap_workload, run_switch, run_wor
 from .errors import RefmodelError
 from .guest.kernel import PteFlavour
 from .hv.modes import ModeSpec
+from .progress import Progress
 
 SIZES = (1, 4, 16, 64, 256, 1024, 2048, 4096)
 #: The remap scenario needs two frames per page: up to 2048 pages fit a guest.
@@ -100,8 +101,17 @@ WHY = {
 }
 
 
-def _series(spec: ModeSpec, xs: tuple[int, ...], run: Callable[[int], RunResult], costs: CostTable) -> Series:
-    runs = [run(x) for x in xs]
+def _series(
+    spec: ModeSpec, xs: tuple[int, ...], run: Callable[[int], RunResult], costs: CostTable,
+    bar: Progress | None = None,
+) -> Series:
+    runs: list[RunResult] = []
+    for x in xs:
+        if bar is not None:
+            bar.doing(f"{spec.label}, {x}")
+        runs.append(run(x))
+        if bar is not None:
+            bar.step()
     return Series(
         spec.label,
         xs,
@@ -133,10 +143,11 @@ def switch_runner(spec: ModeSpec, flavour: PteFlavour, working_set: int) -> Call
 
 
 def sweep(
-    specs: list[ModeSpec], costs: CostTable, sizes: tuple[int, ...] = SIZES, flavour: PteFlavour = PteFlavour.LINUX
+    specs: list[ModeSpec], costs: CostTable, sizes: tuple[int, ...] = SIZES, flavour: PteFlavour = PteFlavour.LINUX,
+    bar: Progress | None = None,
 ) -> list[Series]:
-    """The seed workload for every size under every mode."""
-    return [_series(s, sizes, seed_runner(s, flavour), costs) for s in specs]
+    """The seed workload for every size under every mode (``bar``: told each point)."""
+    return [_series(s, sizes, seed_runner(s, flavour), costs, bar) for s in specs]
 
 
 def sweep_all(
@@ -148,17 +159,27 @@ def sweep_all(
     rounds: tuple[int, ...] = ROUNDS,
     flavour: PteFlavour = PteFlavour.LINUX,
     working_set: int = SWITCH_WORKING_SET,
+    bar: Progress | None = None,
 ) -> list[Scenario]:
     """Every scenario of ``refmodel compare`` over its size: pages mapped, pages
-    remapped, and switch rounds (``switch_specs``, normally untagged)."""
-    remap = [_series(s, remap_sizes, remap_runner(s, flavour), costs) for s in specs]
-    switch = [_series(s, rounds, switch_runner(s, flavour, working_set), costs) for s in switch_specs]
+    remapped, and switch rounds (``switch_specs``, normally untagged). ``bar`` is
+    told each point (:func:`points` of them)."""
+    mapped = sweep(specs, costs, sizes, flavour, bar)
+    remap = [_series(s, remap_sizes, remap_runner(s, flavour), costs, bar) for s in specs]
+    switch = [_series(s, rounds, switch_runner(s, flavour, working_set), costs, bar) for s in switch_specs]
     return [
-        Scenario("malloc N pages, write + read each", "pages mapped and touched", sweep(specs, costs, sizes, flavour),
-                 WHY["mapped"]),
+        Scenario("malloc N pages, write + read each", "pages mapped and touched", mapped, WHY["mapped"]),
         Scenario("remap N live pages, read each", "pages remapped", remap, WHY["remapped"]),
         Scenario(f"2 domains, {working_set}-page working sets, untagged TLB", "switch rounds", switch),
     ]
+
+
+def points(
+    specs: list[ModeSpec], switch_specs: list[ModeSpec], sizes: tuple[int, ...] = SIZES,
+    remap_sizes: tuple[int, ...] = REMAP_SIZES, rounds: tuple[int, ...] = ROUNDS,
+) -> int:
+    """How many runs :func:`sweep_all` makes: one per plotted point."""
+    return len(specs) * (len(sizes) + len(remap_sizes)) + len(switch_specs) * len(rounds)
 
 
 def crossover(a: Series, b: Series) -> int | None:
@@ -177,16 +198,23 @@ def _shifted(xs: tuple[int, ...], index: int, count: int) -> list[float]:
     return [x * factor for x in xs]
 
 
-def plot(scenarios: list[Scenario], path: Path, title: str) -> None:
-    """Draw every scenario into ``path`` (PNG): a column each, entries into the
-    hypervisor above, estimated cycles below."""
+def require_matplotlib() -> None:
+    """Raise the one-line :class:`RefmodelError` that ``--plot`` needs matplotlib,
+    if it cannot be imported (``refmodel compare`` asks before computing anything)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise RefmodelError("--plot needs matplotlib: pip install 'refmodel[plot]'") from None
+
+
+def plot(scenarios: list[Scenario], path: Path, title: str) -> None:
+    """Draw every scenario into ``path``: a column each, entries into the hypervisor
+    above, estimated cycles below. The image format is the suffix's (png, svg, pdf)."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(3, len(scenarios), figsize=(6 * len(scenarios), 13), squeeze=False)
     handles: dict[str, Any] = {}  #: one line per mode for the shared legend
     for col, scenario in enumerate(scenarios):
@@ -219,9 +247,11 @@ def plot(scenarios: list[Scenario], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.035, 1, 0.97))
     try:
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
     except OSError as err:
         raise RefmodelError(f"cannot write plot {path}: {err.strerror}") from None
+    except ValueError as err:  # a suffix matplotlib has no writer for
+        raise RefmodelError(f"cannot write plot {path}: {err}") from None
     finally:
         plt.close(fig)
 

@@ -23,7 +23,7 @@ No bound is used: every quantifier ranges over the full index sorts (2^40 frames
 
 import multiprocessing
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from . import transitions as T
@@ -130,24 +130,37 @@ def _run_task(task: Task) -> Cell | tuple[str, Answer]:
     return prove_cell(T.by_name(transition), inv)
 
 
+def _ignore(result: Cell | tuple[str, Answer]) -> None:
+    """The default ``on_result``: nothing."""
+
+
 def run(
     transitions: Iterable[Transition] | None = None,
     invariants: Iterable[Invariant] | None = None,
     workers: int = 1,
+    on_result: Callable[[Cell | tuple[str, Answer]], None] | None = None,
 ) -> Report:
     """Prove every cell and every lemma, on ``workers`` processes (each with its own
-    Z3 context; cells are handed out one at a time, the heaviest first)."""
+    Z3 context; cells are handed out one at a time, the heaviest first).
+    ``on_result`` is told each cell and each lemma ``(invariant, answer)`` as it
+    finishes (``refmodel verify`` shows progress with it)."""
+    tell = on_result if on_result is not None else _ignore
     ts = tuple(transitions) if transitions is not None else T.TRANSITIONS
     invs = tuple(invariants) if invariants is not None else INVARIANTS
     tasks: list[Task] = [(t.name, i.name) for t in ts for i in invs] + [("", i.name) for i in invs]
     tasks.sort(key=lambda task: (task[0] not in HEAVY, task[0] == ""))
     start = time.perf_counter()
+    results: list[Cell | tuple[str, Answer]] = []
     if workers <= 1:
-        results = [_run_task(t) for t in tasks]
+        for t in tasks:
+            results.append(_run_task(t))
+            tell(results[-1])
     else:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            results = list(pool.imap_unordered(_run_task, tasks, chunksize=1))
+            for result in pool.imap_unordered(_run_task, tasks, chunksize=1):
+                results.append(result)
+                tell(result)
     seconds = time.perf_counter() - start
     cells = {(c.transition, c.invariant): c for c in results if isinstance(c, Cell)}
     lemmas = dict(r for r in results if not isinstance(r, Cell))

@@ -107,7 +107,7 @@ def test_compare_cli_prints_every_mode_and_the_equivalence_verdict(capsys: pytes
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--pages", "0"], "--pages must be in 1..4096"), (["--pages", "5000"], "--pages"), (["--batch", "0"], "--batch")],
+    [(["--pages", "0"], "--pages: must be in 1..4096"), (["--pages", "5000"], "--pages"), (["--batch", "0"], "--batch")],
 )
 def test_compare_cli_rejects_bad_arguments(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", *args]) == 2

@@ -70,7 +70,8 @@ def test_a_wrong_value_is_reported_with_index_line_and_context() -> None:
     result = check(trace)
     d = result.divergence
     assert d is not None and d.index == 2 and d.step.line == 4
-    assert d.allowed == ((replace(ok(0x0102), counters=d.allowed[0][0].counters), "the model's TLB"),)
+    assert d.allowed == ((replace(ok(0x0102), counters=d.allowed[0][0].counters),
+                          "the model's TLB, a translation it had cached"),)
     text = result.summary()
     assert "operation 2 (trace line 4)" in text and '"value":"0x304"' in text and '"value":"0x102"' in text
     assert "after:" in text
@@ -81,6 +82,9 @@ def test_a_missing_fault_is_a_divergence() -> None:
     d = check(trace).divergence
     assert d is not None and d.index == 0
     assert d.allowed[0][0].without_counters() == page_fault_obs(DATA_VA, 4)
+    # a fault found by a fresh walk is not labelled as coming from the model's TLB
+    assert d.allowed[0][1] == "the model's walk of the paging structures, its TLB holding no translation for the page"
+    assert "(the model's walk of the paging structures" in check(trace).summary()
 
 
 def test_stale_and_fresh_translations_are_both_allowed_before_invlpg() -> None:

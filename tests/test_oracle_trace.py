@@ -86,11 +86,22 @@ def test_every_fixture_round_trips_byte_for_byte() -> None:
         assert dump_trace(parse_trace(text)) == text, fixture.name
 
 
-def test_numbers_may_be_integers_or_hex_strings() -> None:
+def test_version_1_numbers_may_be_integers_or_hex_strings() -> None:
     lines = lines_of("core/access/read-write-fetch")
+    lines[0]["refmodel_trace"] = 1
+    del lines[0]["generator"]
     lines[1]["va"] = int(str(lines[1]["va"]), 16)
     trace = parse_trace(text_of(lines))
     assert trace.steps[0].op == Read(0x0000_1234_5678_9008, 8, 3)
+    assert trace.header.version == 1 and trace.header.generator is None
+
+
+def test_version_2_numbers_of_64_bits_are_hex_strings_only() -> None:
+    lines = lines_of("core/access/read-write-fetch")
+    lines[1]["va"] = int(str(lines[1]["va"]), 16)
+    assert "field 'va': expected an unsigned 64-bit value: a string 0x followed by 1-16 hex digits" in str(
+        error_for(text_of(lines))
+    )
 
 
 def test_blank_lines_are_ignored_but_keep_line_numbers() -> None:
@@ -129,7 +140,7 @@ def test_malformed_json_names_line_and_column() -> None:
         (lambda ls: ls[1].update(obs={"result": "ok", "counters": {"tlb_mis": 1}}), 2, "obs.counters.tlb_mis", "counter"),
         (lambda ls: ls[1].update(obs={"result": "fault", "error_code": 1 << 33}), 2, "obs.error_code", "32 bits"),
         (lambda ls: ls[0].update(maxphyaddr=60), 1, "maxphyaddr", "maximum"),
-        (lambda ls: ls[0].update(refmodel_trace=2), 1, "refmodel_trace", "not supported"),
+        (lambda ls: ls[0].update(refmodel_trace=3), 1, "refmodel_trace", "not supported"),
         (lambda ls: ls[0].pop("refmodel_trace"), 1, "refmodel_trace", "header"),
         (lambda ls: ls[0]["vcpus"][0].update(cr3="0x1" + "0" * 16), 1, "vcpus[0].cr3", "unsigned 64-bit"),
         (lambda ls: ls[0]["vcpus"][0].update(cr4="0x0"), 1, "vcpus[0].cr4", "PAE"),

@@ -14,10 +14,12 @@ are marked ``proxy`` and say what they stand in for. Load your own figures with
 
 import enum
 import json
+import math
+import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from ..errors import RefmodelError
+from ..inputs import display_name, read_input
 from .events import Counters, Event
 
 
@@ -157,28 +159,79 @@ class CostTable:
             parts[CAUSE_OF[event]] += self.cost_of(event) * n
         return parts
 
-    def with_overrides(self, path: Path) -> "CostTable":
+    def with_overrides(self, path: str | os.PathLike[str]) -> "CostTable":
         """Replace figures from a JSON file ``{"event_name": cycles | {"cycles": n,
-        "source": "..."}}``; event names are :class:`Event` values (e.g.
-        ``"vm_exit"``). Unknown names and non-numeric figures are errors."""
-        try:
-            raw = json.loads(path.read_text())
-        except OSError as err:
-            raise RefmodelError(f"cost file {path}: {err.strerror}") from None
-        except json.JSONDecodeError as err:
-            raise RefmodelError(f"cost file {path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        "source": "..."}}`` (``-``: standard input); event names are :class:`Event`
+        values (e.g. ``"vm_exit"``). Unknown names, duplicate names, and figures that
+        are not finite numbers in 0..:data:`MAX_CYCLES` are errors."""
+        name = display_name(path)
+        raw = _load_cost_json(read_input(path, "cost file", limit=MAX_COST_FILE_BYTES), name)
         if not isinstance(raw, dict):
-            raise RefmodelError(f"cost file {path}: expected an object of event -> cycles")
+            raise RefmodelError(f"cost file {name}: expected an object of event -> cycles")
         costs = dict(self.costs)
         names = {e.value: e for e in Event}
-        for name, spec in raw.items():
-            if name not in names:
-                raise RefmodelError(f"cost file {path}: unknown event {name!r}; known: {', '.join(sorted(names))}")
+        for key, spec in raw.items():
+            if key not in names:
+                raise RefmodelError(f"cost file {name}: unknown event {key!r}; known: {', '.join(sorted(names))}")
             if isinstance(spec, dict):
-                cycles, source = spec.get("cycles"), str(spec.get("source", f"user file {path}"))
+                cycles, source = spec.get("cycles"), str(spec.get("source", f"user file {name}"))
             else:
-                cycles, source = spec, f"user file {path}"
-            if isinstance(cycles, bool) or not isinstance(cycles, (int, float)) or cycles < 0:
-                raise RefmodelError(f"cost file {path}: {name}: cycles must be a non-negative number, got {cycles!r}")
-            costs[names[name]] = Cost(float(cycles), source)
-        return replace(self, costs=costs, generation=f"{self.generation}, overridden from {path}")
+                cycles, source = spec, f"user file {name}"
+            if (
+                isinstance(cycles, bool) or not isinstance(cycles, (int, float))
+                or not 0 <= cycles <= MAX_CYCLES or not math.isfinite(cycles)
+            ):
+                raise RefmodelError(
+                    f"cost file {name}: {key}: cycles must be a number in 0..{MAX_CYCLES:.0e}, got {_shown(cycles)}"
+                )
+            costs[names[key]] = Cost(float(cycles), source)
+        return replace(self, costs=costs, generation=f"{self.generation}, overridden from {name}")
+
+
+#: A cost file is a small JSON object; anything larger is refused unread.
+MAX_COST_FILE_BYTES = 1 << 20
+#: The largest figure a cost file may give one event (a trillion cycles, minutes of
+#: CPU time): larger ones are typing mistakes, and would overflow the sums.
+MAX_CYCLES = 1e12
+
+
+def _shown(value: object) -> str:
+    """A value for an error message, shortened to one readable line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _CostJsonError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(word: str) -> object:
+    raise _CostJsonError(f"{word} is not a number JSON allows")
+
+
+class _CostJsonError(ValueError):
+    """A cost file that is JSON to Python's lenient parser but not to the standard."""
+
+
+def _load_cost_json(data: bytes, name: str) -> object:
+    """Parse a cost file strictly: UTF-8, standard JSON (no NaN or Infinity), no
+    duplicate keys; every problem is one :class:`RefmodelError` line."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RefmodelError(f"cost file {name}: not UTF-8 text (byte {err.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise RefmodelError(f"cost file {name}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    except _CostJsonError as err:
+        raise RefmodelError(f"cost file {name}: {err}") from None
+    except RecursionError:
+        raise RefmodelError(f"cost file {name}: invalid JSON: nested too deeply") from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
+        raise RefmodelError(f"cost file {name}: invalid JSON: {str(err).splitlines()[0]}") from None

@@ -94,3 +94,49 @@ class Counters:
         d = {e.value: n for e, n in self.events.items() if n}
         d.update({f"exit.{r.value}": n for r, n in self.exits.items() if n})
         return dict(sorted(d.items()))
+
+
+#: What each event counts, in one line: the meaning of each counter name in a trace
+#: (docs/oracle.md, "Counters", and the trace schema list the same words).
+EVENT_MEANINGS: dict[Event, str] = {
+    Event.TLB_HIT: "an access found its translation in the TLB",
+    Event.TLB_MISS: "an access found no translation in the TLB and walked the paging structures",
+    Event.WALK_REF: "one paging-structure entry read by a walk (a guest entry during a 2-D walk)",
+    Event.TLB_FLUSH_FULL: "every entry of a tag set dropped (a CR3 load, a CR4 change, an all-context flush)",
+    Event.TLB_FLUSH_SINGLE: "the entries of one page dropped (INVLPG, INVPCID type 0)",
+    Event.TLB_FLUSH_PCID: "the entries of one PCID dropped (INVPCID type 1, a CR3 load with PCIDs)",
+    Event.TLB_FLUSH_VPID: "the entries of one VPID dropped (INVVPID, a VM switch with tags)",
+    Event.TLB_FLUSH_GLOBAL: "every entry dropped, global ones included",
+    Event.GUEST_PAGE_FAULT: "a #PF delivered to the guest (or, natively, raised)",
+    Event.VM_EXIT: "a VM exit of any reason (the reason is counted as `exit.<reason>`)",
+    Event.HYPERCALL: "a PV hypercall: one entry into the hypervisor",
+    Event.HYPERCALL_ENTRY: "one request inside a hypercall (an mmu_update request, an mmuext_op, a multicall entry)",
+    Event.EMULATED_PT_WRITE: "a trapped guest page-table store, emulated by the hypervisor (shadow paging)",
+    Event.SHADOW_FILL: "a hidden fault that filled a shadow entry (shadow paging)",
+    Event.SHADOW_RESYNC: "an out-of-sync guest page table brought back in sync with its shadow",
+    Event.EPT_WALK_REF: "one EPT entry read during a 2-D walk",
+    Event.INVEPT: "INVEPT single-context: a domain's combined (linear to machine) translations dropped",
+    Event.EPT_SPLIT: "a 2 MiB or 1 GiB EPT leaf split into a table of smaller ones",
+    Event.CONTEXT_SWITCH: "a vCPU switch on the physical CPU",
+    Event.WORLD_SWITCH: "a switch between two domains",
+}
+
+#: What each VM-exit reason means (counter name ``exit.<reason>``).
+EXIT_MEANINGS: dict[ExitReason, str] = {
+    ExitReason.PAGE_FAULT: "a #PF intercepted (shadow paging: a hidden fault or one reflected to the guest)",
+    ExitReason.PT_WRITE: "a store to a write-protected guest page table (a #PF exit)",
+    ExitReason.CR3_WRITE: "MOV to CR3 intercepted",
+    ExitReason.INVLPG: "INVLPG intercepted",
+    ExitReason.EPT_VIOLATION: "an EPT violation: the EPT does not allow the access",
+    ExitReason.EPT_MISCONFIG: "an EPT entry with a reserved setting (SDM Vol. 3C 29.3.3.1)",
+    ExitReason.HYPERCALL: "VMCALL or a PV hypercall into the hypervisor",
+    ExitReason.HLT: "HLT",
+}
+
+
+def counter_meanings() -> dict[str, str]:
+    """Every counter name a trace may record, with its meaning, in a stable order:
+    the events, then ``exit.<reason>`` for every exit reason."""
+    out = {e.value: EVENT_MEANINGS[e] for e in Event}
+    out.update({f"exit.{r.value}": EXIT_MEANINGS[r] for r in ExitReason})
+    return out

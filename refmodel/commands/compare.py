@@ -8,31 +8,40 @@ a guest that writes its entries with A and D clear (:class:`PteFlavour`).
 """
 
 import argparse
-from pathlib import Path
 
 from ..account.costs import CostTable
 from ..compare import (
     RunResult, Workload, equivalent, format_causes, format_table, remap_setup, remap_workload, row_for, run_switch,
     run_workload, seed_workload,
 )
-from ..errors import RefmodelError
 from ..guest.kernel import PteFlavour
 from ..hv.modes import compare_specs as standard_specs
+from ..progress import progress
+from .options import input_file, int_in, plot_file
 
 MAX_PAGES = 4096
 #: The remap scenario needs a new frame per page besides the old one: at most 2048
 #: pages fit the guest's 6144 frames.
 MAX_REMAP_PAGES = 2048
+#: A batch larger than the pages mapped changes nothing: the bound catches typing mistakes.
+MAX_BATCH = MAX_PAGES
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("compare", help="one guest workload under every memory-virtualization mode")
-    p.add_argument("--pages", type=int, default=1024, help="pages the guest maps (default 1024 = 4 MiB)")
-    p.add_argument("--batch", type=int, default=32, help="PV requests per hypercall (default 32, Linux's MC_BATCH)")
+    p.add_argument("--pages", type=int_in(1, MAX_PAGES), default=1024,
+                   help=f"pages the guest maps, 1..{MAX_PAGES} (default 1024 = 4 MiB)")
+    p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=32,
+                   help=f"PV requests per hypercall, 1..{MAX_BATCH} (default 32, Linux's MC_BATCH)")
     p.add_argument("--untagged", action="store_true", help="a TLB without VPIDs: every VM exit flushes it")
-    p.add_argument("--costs", type=Path, help="JSON file overriding cycle costs per event")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="also plot every scenario over its size (1..4096 pages, 1..16 switch rounds)")
-    p.add_argument("--scenario", choices=["seed", "remap", "switch", "all"], default="all")
+    p.add_argument("--costs", type=input_file, metavar="FILE",
+                   help="JSON file overriding cycle costs per event (- for standard input; see `refmodel costs`)")
+    p.add_argument("--plot", type=plot_file, metavar="FILE.png",
+                   help="also plot every scenario over its size (1..4096 pages, 1..16 switch rounds) into this "
+                   "image (.png, .svg or .pdf; needs matplotlib)")
+    p.add_argument("--scenario", choices=["seed", "remap", "switch", "all"], default="all",
+                   help="which scenario's tables to print: malloc + touch (seed), remap live pages, "
+                   "vCPU switches, or all three (default)")
     p.add_argument(
         "--guest", choices=[f.value for f in PteFlavour], default=PteFlavour.LINUX.value,
         help="which A/D flags the guest writes: linux (default: A in user leaves, D in writable ones, "
@@ -42,10 +51,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 1 <= args.pages <= MAX_PAGES:
-        raise RefmodelError(f"--pages must be in 1..{MAX_PAGES}, got {args.pages}")
-    if args.batch < 1:
-        raise RefmodelError(f"--batch must be at least 1, got {args.batch}")
+    if args.plot is not None:
+        from ..plot import require_matplotlib
+
+        require_matplotlib()  # before the tables and the sweep, not after them
     costs = CostTable.default()
     if args.costs is not None:
         costs = costs.with_overrides(args.costs)
@@ -69,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
             tags = ("VPID/PCID-tagged TLB" if tagged else "untagged TLB: every switch flushes") + guest
             status |= report(f"2 domains x 8 rounds, {ws}-page working sets, a vCPU switch per turn ({tags})", results, costs)
     if args.plot is not None:
-        from ..plot import plot, sweep_all
+        from ..plot import plot, points, sweep_all
 
-        swept = sweep_all(specs, standard_specs(args.batch, tagged=False), costs, flavour=flavour)
+        switch_specs = standard_specs(args.batch, tagged=False)
+        with progress(points(specs, switch_specs), "plotting", unit="point") as bar:
+            swept = sweep_all(specs, switch_specs, costs, flavour=flavour, bar=bar)
         tlb = "untagged" if args.untagged else "VPID-tagged"
         plot(swept, args.plot, f"every scenario, every mode ({tlb} TLB in the first two, PV batch {args.batch}{guest})")
         print(f"plot written to {args.plot}")

@@ -1,14 +1,15 @@
 """``refmodel costs``: the cost table with the source of every figure."""
 
 import argparse
-from pathlib import Path
 
 from ..account.costs import CostTable
+from .options import input_file
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("costs", help="list the cycle cost of every event and its source")
-    p.add_argument("--costs", type=Path, help="JSON file overriding figures (as for compare)")
+    p.add_argument("--costs", type=input_file, metavar="FILE",
+                   help="JSON file overriding figures, as for compare (- for standard input)")
     p.set_defaults(func=run)
 
 

@@ -5,11 +5,12 @@ import argparse
 
 from ..oracle.replay import annotate, replay
 from ..oracle.trace import dump_trace, dumps_line, load_trace, op_name
+from .options import input_file
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("replay", help="run a trace on the model and print its observations (JSON Lines)")
-    p.add_argument("trace", help="a refmodel trace (JSON Lines, docs/oracle.md)")
+    p.add_argument("trace", type=input_file, help="a refmodel trace (JSON Lines, docs/oracle.md); - for standard input")
     p.add_argument(
         "--annotate", action="store_true",
         help="print the whole trace with each operation's obs replaced by the model's (a trace that checks clean)",

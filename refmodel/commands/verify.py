@@ -15,6 +15,8 @@ from specs.invariants import INVARIANTS
 from specs.transitions import TRANSITIONS
 
 from ..errors import RefmodelError
+from ..progress import progress
+from .options import int_in
 
 #: Short column headings, in INVARIANTS order.
 HEADINGS = ("memory", "hypervisor", "pt (pv)", "shadow", "tlb", "registers")
@@ -22,10 +24,20 @@ HEADINGS = ("memory", "hypervisor", "pt (pv)", "shadow", "tlb", "registers")
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("verify", help="prove the isolation invariants (Z3) for every transition")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="prover processes (default: 2)")
-    p.add_argument("--transition", action="append", default=[], help="only this transition (repeatable)")
+    cpus = os.cpu_count() or 1
+    p.add_argument("--workers", type=int_in(1, cpus), default=min(2, cpus),
+                   help=f"prover processes, 1..{cpus} (this machine's CPUs; default {min(2, cpus)})")
+    p.add_argument("--transition", action="append", default=[], metavar="NAME",
+                   help="only this transition (repeatable; an unknown name lists the known ones)")
     p.add_argument("--negative", action="store_true", help="also run the negative controls (broken transitions)")
     p.set_defaults(func=run)
+
+
+def result_name(result: proofs.Cell | tuple[str, object]) -> str:
+    """What a finished proof was about, for the progress bar."""
+    if isinstance(result, proofs.Cell):
+        return f"{result.transition} x {result.invariant}"
+    return f"core => statement of {result[0]}"
 
 
 def cell_text(cell: proofs.Cell) -> str:
@@ -51,8 +63,6 @@ def print_table(report: proofs.Report) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        raise RefmodelError(f"--workers must be at least 1, got {args.workers}")
     chosen = list(TRANSITIONS)
     if args.transition:
         known = {t.name: t for t in TRANSITIONS}
@@ -60,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise RefmodelError(f"unknown transition(s) {', '.join(unknown)}; known: {', '.join(known)}")
         chosen = [known[n] for n in args.transition]
-    report = proofs.run(chosen, workers=args.workers)
+    with progress(len(chosen) * len(INVARIANTS) + len(INVARIANTS), "proving", unit="proof") as bar:
+        report = proofs.run(chosen, workers=args.workers, on_result=lambda r: bar.step(result_name(r)))
     cpu = sum(c.cpu for c in report.cells) + sum(a.cpu for _, a in report.lemmas)
     print_table(report)
     failed = [c for c in report.cells if not c.ok] + [n for n, a in report.lemmas if a.status != "proved"]

@@ -20,6 +20,7 @@ from ..arch.fault import FaultCause, PageFault, PfErrorCode
 from ..arch.physmem import PhysicalMemory
 from ..arch.pte import Level, PageSize, PteFlag, entry_frame_address
 from ..arch.walk import PagingContext, Rights, Translation, access_denial, is_leaf, reserved_bits, walk
+from ..errors import RefmodelError
 
 #: The linear address the command explains lies at this offset in its page.
 OFFSET = 0x10
@@ -32,11 +33,13 @@ TABLE_NAMES = {Level.L4: "PML4 table", Level.L3: "page-directory-pointer table",
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("walk", help="explain one 4-level page walk, entry by entry")
-    p.add_argument("--access", choices=[k.value for k in AccessKind], default="write")
-    p.add_argument("--cpl", type=int, choices=[0, 3], default=3)
+    p.add_argument("--access", choices=[k.value for k in AccessKind], default="write",
+                   help="the kind of access to explain (default write)")
+    p.add_argument("--cpl", type=int, choices=[0, 3], default=3,
+                   help="current privilege level: 3 user mode (default), 0 supervisor mode")
     p.add_argument("--leaf-flags", default="P,RW,US",
                    help="comma-separated PteFlag names for the leaf, taken literally (no P: not present)")
-    p.add_argument("--size", choices=list(SIZES), default="4K")
+    p.add_argument("--size", choices=list(SIZES), default="4K", help="the page size the leaf maps (default 4K)")
     p.set_defaults(func=run)
 
 
@@ -64,7 +67,7 @@ def parse_flags(text: str) -> int:
         try:
             flags |= PteFlag[name.upper()]
         except KeyError:
-            raise SystemExit(f"refmodel walk: unknown flag {name!r}; flags: {', '.join(f.name or '' for f in PteFlag)}")
+            raise RefmodelError(f"--leaf-flags: unknown flag {name!r}; flags: {', '.join(f.name or '' for f in PteFlag)}") from None
     return flags
 
 

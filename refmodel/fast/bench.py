@@ -43,11 +43,13 @@ from ..arch.physmem import PhysicalMemory
 from ..arch.pte import PageSize, PteFlag
 from ..arch.types import PAGE_SIZE
 from ..arch.walk import PagingContext, Translation, is_canonical, walk
+from ..commands.options import int_in, int_list, positive_float
 from ..errors import RefmodelError
 from ..hv.hap.ept import RWX, Eptp, make_leaf
 from ..hv.hap.nested import CombinedTranslation, nested_walk
 from ..hv.hap.tables import Ept
 from ..hv.machine import Machine
+from ..progress import Progress, progress
 from .ept import translate_nested
 from .translate import translate
 
@@ -224,8 +226,11 @@ def _fmt_ratio(a: float | None, b: float | None) -> str:
 
 
 def run_bench(
-    sizes: Sequence[int], slow_max_n: int, use_unicorn: bool, repeat: int, seed: int, out: Callable[[str], None]
+    sizes: Sequence[int], slow_max_n: int, use_unicorn: bool, repeat: int, seed: int, out: Callable[[str], None],
+    bar: Progress | None = None,
 ) -> list[Row]:
+    """Measure every size and print the table through ``out``; ``bar`` (if any) is
+    told each size as it starts and ends."""
     if not sizes or min(sizes) <= 0:
         raise RefmodelError("bench sizes must be positive")
     max_n = max(sizes)
@@ -248,6 +253,8 @@ def run_bench(
     rows: list[Row] = []
     slow_per_addr: float | None = None
     for n in sizes:
+        if bar is not None:
+            bar.doing(f"N={n:,}")
         vas = addresses(n, seed)
         vas_list = [int(v) for v in vas.tolist()]
         fast_pa = run_fast(space, vas)
@@ -277,6 +284,8 @@ def run_bench(
         s, f, u = row.rate(slow_s), row.rate(fast_s), row.rate(uni_s)
         out(f"{n:>9} {_fmt_rate(s, '*' if extrapolated else ''):>14} {_fmt_rate(f):>14} {_fmt_rate(u):>14} "
             f"{_fmt_ratio(f, s):>10} {_fmt_ratio(f, u):>13} {_fmt_ratio(u, s):>13}")
+        if bar is not None:
+            bar.step()
     if any(r.slow_extrapolated for r in rows):
         out(f"  * slow path NOT measured at this N: extrapolated linearly from N={slow_max_n_measured(rows)} (--slow-max-n {slow_max_n})")
     out("  tr/s = translations per second; ld/s = loads per second; slow and fast results were checked equal where measured")
@@ -367,9 +376,11 @@ class NestedRow:
 
 
 def run_nested_bench(
-    sizes: Sequence[int], slow_max_n: int, repeat: int, seed: int, out: Callable[[str], None]
+    sizes: Sequence[int], slow_max_n: int, repeat: int, seed: int, out: Callable[[str], None],
+    bar: Progress | None = None,
 ) -> list[NestedRow]:
-    """The ``--ept`` table: slow and fast 2-D walks of the same addresses."""
+    """The ``--ept`` table: slow and fast 2-D walks of the same addresses (``bar``
+    as for :func:`run_bench`)."""
     if not sizes or min(sizes) <= 0:
         raise RefmodelError("bench sizes must be positive")
     space = build_nested_space()
@@ -382,6 +393,8 @@ def run_nested_bench(
     rows: list[NestedRow] = []
     slow_per_addr: float | None = None
     for n in sizes:
+        if bar is not None:
+            bar.doing(f"2-D, N={n:,}")
         vas = addresses(n, seed)
         fast_pa, fast_refs = run_nested_fast(space, vas)
         if n <= slow_max_n:
@@ -399,6 +412,8 @@ def run_nested_bench(
         rows.append(row)
         out(f"{n:>9} {_fmt_rate(n / slow_s, '*' if extrapolated else ''):>14} {_fmt_rate(n / fast_s):>14} "
             f"{_fmt_ratio(slow_s, fast_s):>10} {row.refs_per_translation:>8.1f}")
+        if bar is not None:
+            bar.step()
     if any(r.slow_extrapolated for r in rows):
         out(f"  * slow 2-D walk NOT measured at this N: extrapolated linearly (--ept-slow-max-n {slow_max_n})")
     out("  refs/tr = guest + EPT memory references per translation; slow and fast results and reference counts "
@@ -406,33 +421,45 @@ def run_nested_bench(
     return rows
 
 
+#: The largest batch the bench takes: ten times the default's largest, about 1 GB of
+#: memory at its peak; beyond it a typing mistake would run for hours.
+MAX_N = 10**7
+#: At most this many sizes, and this many repetitions, per run.
+MAX_SIZES, MAX_REPEAT = 16, 100
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default=",".join(str(n) for n in DEFAULT_SIZES),
-                   help="comma-separated batch sizes N (default: 1000,10000,100000,1000000)")
-    p.add_argument("--slow-max-n", type=int, default=max(DEFAULT_SIZES),
+    p.add_argument("--sizes", type=int_list(1, MAX_N, MAX_SIZES), default=",".join(str(n) for n in DEFAULT_SIZES),
+                   help=f"comma-separated batch sizes N, each 1..{MAX_N:,} (1e5 is read as 100000; "
+                   "default: 1000,10000,100000,1000000)")
+    p.add_argument("--slow-max-n", type=int_in(1), default=max(DEFAULT_SIZES), metavar="N",
                    help="measure the slow path up to this N and extrapolate beyond it, marked '*' (default: measure all)")
     p.add_argument("--no-unicorn", action="store_true", help="skip unicorn even if it is installed")
-    p.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--require-ratio", type=float, default=None,
+    p.add_argument("--repeat", type=int_in(1, MAX_REPEAT), default=3,
+                   help=f"best of this many runs, 1..{MAX_REPEAT} (default 3)")
+    p.add_argument("--seed", type=int_in(0, 2**64 - 1), default=1,
+                   help="seed of the random addresses, 0..2^64-1 (default 1): the same seed, the same addresses")
+    p.add_argument("--require-ratio", type=positive_float, default=None, metavar="RATIO",
                    help="exit 1 unless fast/slow at the largest N is at least this (acceptance: 100)")
     p.add_argument("--ept", action="store_true",
                    help="also measure the 2-D translation (guest tables on EPT): nested_walk vs fast.translate_nested")
-    p.add_argument("--ept-slow-max-n", type=int, default=10**5,
+    p.add_argument("--ept-slow-max-n", type=int_in(1), default=10**5, metavar="N",
                    help="with --ept: measure the slow 2-D walk up to this N, extrapolate beyond (default 100000)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    try:
-        sizes = [int(float(s)) for s in str(args.sizes).split(",") if s.strip()]
-    except ValueError:
-        raise RefmodelError(f"--sizes: not a list of numbers: {args.sizes!r}") from None
-    if args.repeat < 1:
-        raise RefmodelError("--repeat must be at least 1")
-    rows = run_bench(sizes, args.slow_max_n, not args.no_unicorn, args.repeat, args.seed, print)
-    if args.ept:
-        print("")
-        run_nested_bench(sizes, args.ept_slow_max_n, args.repeat, args.seed, print)
+    sizes: list[int] = args.sizes
+    if args.slow_max_n < min(sizes):
+        raise RefmodelError(f"--slow-max-n {args.slow_max_n} is below the smallest N ({min(sizes)}): "
+                            "nothing to extrapolate the slow path from")
+    if args.ept and args.ept_slow_max_n < min(sizes):
+        raise RefmodelError(f"--ept-slow-max-n {args.ept_slow_max_n} is below the smallest N ({min(sizes)}): "
+                            "nothing to extrapolate the slow 2-D walk from")
+    with progress(len(sizes) * (2 if args.ept else 1), "bench", unit="size") as bar:
+        rows = run_bench(sizes, args.slow_max_n, not args.no_unicorn, args.repeat, args.seed, bar.print, bar)
+        if args.ept:
+            bar.print("")
+            run_nested_bench(sizes, args.ept_slow_max_n, args.repeat, args.seed, bar.print, bar)
     if args.require_ratio is not None:
         last = rows[-1]
         ratio = last.slow_s / last.fast_s

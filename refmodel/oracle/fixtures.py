@@ -43,6 +43,7 @@ from ..guest.ops import Mode
 from .check import check
 from .replay import annotate
 from .trace import (
+    TRACE_VERSION,
     DomainInit,
     Fetch,
     Header,
@@ -67,6 +68,7 @@ from .trace import (
     VcpuInit,
     Write,
     dump_trace,
+    generator,
 )
 
 #: Core fixtures' physical-address width: unicorn's (QEMU's default phys-bits).
@@ -1421,10 +1423,13 @@ def scenarios() -> list[Scenario | HvScenario]:
     return [scenario for make in CATALOGUE for scenario in make()]
 
 
-def generate() -> list[Fixture]:
-    """Every fixture, sorted by name."""
+def generate(prefix: str = "") -> list[Fixture]:
+    """Every fixture whose name starts with ``prefix`` (all by default), sorted by
+    name; only those are computed."""
     fixtures: list[Fixture] = []
     for scenario in scenarios():
+        if not scenario.name.startswith(prefix):
+            continue
         trace, ambiguous = expected(scenario.trace())
         fixtures.append(Fixture(scenario.name, trace, ambiguous))
     names = [f.name for f in fixtures]
@@ -1445,7 +1450,14 @@ def index_json(fixtures: list[Fixture]) -> str:
         }
         for f in fixtures
     ]
-    return json.dumps({"refmodel_fixtures": 1, "count": len(entries), "fixtures": entries}, indent=1) + "\n"
+    index = {"refmodel_fixtures": INDEX_VERSION, "generator": generator(), "trace_version": TRACE_VERSION,
+             "count": len(entries), "fixtures": entries}
+    return json.dumps(index, indent=1) + "\n"
+
+
+#: The version of ``index.json``'s format; its schema is ``index-schema-v2.json``.
+INDEX_VERSION = 2
+INDEX_SCHEMA_NAME = f"index-schema-v{INDEX_VERSION}.json"
 
 
 def write_fixtures(out: str, fixtures: list[Fixture] | None = None) -> list[Fixture]:

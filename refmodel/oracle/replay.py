@@ -40,7 +40,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from ..account.events import Counters
+from ..account.events import Counters, Event
 from ..arch.access import Access, AccessKind
 from ..arch.control import CR3_NOFLUSH, Cr4, Rflags
 from ..arch.fault import GeneralProtection, PageFault
@@ -367,7 +367,8 @@ class NativeModel(Model):
     # -- every allowed outcome ----------------------------------------------------------
     def outcomes(self, op: Op) -> list[Outcome]:
         own = self.clone()
-        result = [Outcome(own.step(op), own, "the model's TLB")]
+        obs = own.step(op)
+        result = [Outcome(obs, own, own_source(op, obs))]
         if isinstance(op, (Read, Write, Fetch)) and self.may_branch(op):
             result.extend(self._alternatives(op))
         return result
@@ -418,6 +419,20 @@ class NativeModel(Model):
         mem = self.mmu.mem
         frames = tuple((f, mem.frame_bytes(f)) for f in mem.populated_frames())
         return (frames, self.mmu.state, self.cacheable.entries, frozenset(self.mmu.tlb.entries()))
+
+
+def own_source(op: Op, obs: Observation) -> str:
+    """Where the model's own outcome of ``op`` came from, for a divergence report:
+    its TLB only when an access hit a translation it had cached; an access that
+    missed walked the paging structures; any other operation is the model's rules."""
+    if not isinstance(op, (Read, Write, Fetch)):
+        return "the model"
+    counts = dict(obs.counters or ())
+    if counts.get(Event.TLB_HIT.value, 0):
+        return "the model's TLB, a translation it had cached"
+    if counts.get(Event.TLB_MISS.value, 0):
+        return "the model's walk of the paging structures, its TLB holding no translation for the page"
+    return "the model"
 
 
 def _describe(e: TlbEntry) -> str:
@@ -655,7 +670,8 @@ class HypervisorModel(Model):
 
     def outcomes(self, op: Op) -> list[Outcome]:
         own = self.clone()
-        result = [Outcome(own.step(op), own, "the model's TLB")]
+        obs = own.step(op)
+        result = [Outcome(obs, own, own_source(op, obs))]
         if not isinstance(op, (Read, Write, Fetch)) or not self.may_branch(op):
             return result
         mmu = self.hardware()

@@ -1,26 +1,29 @@
-"""The refmodel trace format, version 1: parse, validate, serialize.
+"""The refmodel trace format, version 2 (version 1 still read): parse, validate,
+serialize.
 
 A trace is JSON Lines (docs/oracle.md has the full description):
 
-- line 1, the **header**: ``{"refmodel_trace": 1, "mode": ..., "maxphyaddr": ...,
+- line 1, the **header**: ``{"refmodel_trace": 2, "generator": {...}, "mode": ..., "maxphyaddr": ...,
   "memory": {...}, "vcpus": [...], ...}`` — the initial state;
 - every further line one **operation**: ``{"op": "read", "va": "0x...", ...}``,
   optionally carrying ``"obs"``, the observation an implementation recorded for it.
 
-The shape of every line is given by the JSON Schema ``schema-v1.json`` next to this
-module, which other implementations can use without Python. What a schema cannot say
-is checked here, after it: an address below ``2**MAXPHYADDR``, a value that fits
-its size, a 4 KiB page not crossed, registers that form a state the machine can be
-in, a counter name the model knows.
+The shape of every line is given by the JSON Schema ``schema-v2.json`` (version 1:
+``schema-v1.json``) next to this module, which other implementations can use
+without Python. What a schema cannot say is checked here, after it: an address
+below ``2**MAXPHYADDR``, a value that fits its size, a 4 KiB page not crossed,
+registers that form a state the machine can be in, a counter name the model knows.
 
 Every problem with a trace is a :class:`TraceError`: one line, naming the trace line
 and the field ("trace.jsonl:3: field 'obs.cr2': ..."). Nothing else escapes
 :func:`parse_trace` for any input, however malformed (a Hypothesis test fuzzes it).
 
-Numbers: 64-bit quantities (addresses, values, registers) may be written as JSON
-integers or as ``"0x..."`` strings; the serializer writes them as lowercase hex
-strings, so a trace survives readers whose numbers are IEEE doubles. Small numbers
-(sizes, CPLs, vectors, indices, counts) are plain integers.
+Numbers: in version 2, 64-bit quantities (addresses, values, registers, flags) are
+``"0x..."`` strings and every JSON number is an integer an IEEE double holds exactly
+(sizes, CPLs, vectors, indices, counts, error codes, ``-errno``), so a trace survives
+readers whose numbers are doubles (JavaScript, jq). Version 1 also allowed 64-bit
+quantities as JSON integers; it is still read. The header's ``generator`` names the
+program, version and source revision that wrote the trace.
 """
 
 from __future__ import annotations
@@ -28,26 +31,36 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import subprocess
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any, ClassVar, Union
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match, relevance
 
+from .. import __version__
 from ..account.events import Event, ExitReason
 from ..arch.fault import GeneralProtection
 from ..arch.types import PAGE_SHIFT, PAGE_SIZE
 from ..arch.vcpu import ArchState, write_cr0, write_cr3, write_cr4, write_efer
 from ..errors import RefmodelError
 from ..guest.ops import Mode
+from ..inputs import display_name, read_input
 
-#: The format version this module reads and writes.
-TRACE_VERSION = 1
-#: Name of the JSON Schema resource shipped with the package.
-SCHEMA_NAME = "schema-v1.json"
+#: The format version this module writes.
+TRACE_VERSION = 2
+#: The versions it reads (version 1: 64-bit quantities may be JSON numbers).
+READ_VERSIONS = (1, 2)
+#: Name of the JSON Schema resource of the version written, shipped with the package.
+SCHEMA_NAME = f"schema-v{TRACE_VERSION}.json"
+#: The version whose schema validates the lines being parsed (set per trace).
+_VERSION: ContextVar[int] = ContextVar("refmodel_trace_version", default=TRACE_VERSION)
 
 Json = Any  # a value json.loads returns
 
@@ -431,6 +444,12 @@ class Header:
     tlb: tuple[int, int] | None = None  #: (capacity, ways) of the model's TLB
     machine: MachineInit | None = None
     domains: tuple[DomainInit, ...] = ()
+    #: the format version the trace was read in (written traces are always
+    #: :data:`TRACE_VERSION`); not part of the state
+    version: int = field(default=TRACE_VERSION, compare=False)
+    #: who wrote the trace that was read, as (key, value) pairs; the writer puts its
+    #: own (:func:`generator`); not part of the state
+    generator: tuple[tuple[str, str], ...] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -450,11 +469,26 @@ class Trace:
 
 
 @cache
-def schema() -> dict[str, Json]:
-    """The JSON Schema of one trace line (``schema-v1.json``)."""
-    text = resources.files("refmodel.oracle").joinpath(SCHEMA_NAME).read_text(encoding="utf-8")
+def schema_of(version: int) -> dict[str, Json]:
+    """The JSON Schema of one line of a version ``version`` trace (``schema-v<N>.json``)."""
+    text = resources.files("refmodel.oracle").joinpath(f"schema-v{version}.json").read_text(encoding="utf-8")
     loaded: dict[str, Json] = json.loads(text)
     return loaded
+
+
+def schema() -> dict[str, Json]:
+    """The JSON Schema of the trace being parsed (outside a parse: the version written)."""
+    return schema_of(_VERSION.get())
+
+
+@contextmanager
+def _version(version: int) -> Iterator[None]:
+    """Validate against ``version``'s schema inside the ``with`` block."""
+    token = _VERSION.set(version)
+    try:
+        yield
+    finally:
+        _VERSION.reset(token)
 
 
 def _path(parts: Iterable[object]) -> str:
@@ -571,7 +605,7 @@ _RULE_VALIDATORS: dict[str, Draft202012Validator] = {}
 
 def _rule_validator(rule: Json) -> Draft202012Validator:
     """A jsonschema validator for one rule of the schema (cached)."""
-    key = json.dumps(rule, sort_keys=True)
+    key = f"{_VERSION.get()}:{json.dumps(rule, sort_keys=True)}"
     validator = _RULE_VALIDATORS.get(key)
     if validator is None:
         body = rule if isinstance(rule, dict) else {"not": {}} if rule is False else {}
@@ -605,7 +639,7 @@ def _pattern(regex: str) -> re.Pattern[str]:
 
 def conforms(value: Json, rule: Json) -> bool:
     """Whether ``value`` satisfies ``rule``, for the JSON Schema keywords
-    ``schema-v1.json`` uses ($ref, type, enum, const, minimum, maximum, pattern,
+    the schemas use ($ref, type, enum, const, minimum, maximum, pattern,
     maxLength, properties, required, additionalProperties, propertyNames, items,
     minItems, maxItems, anyOf, allOf, if/then). Agrees with jsonschema on them
     (tested); unknown keywords are annotations."""
@@ -924,10 +958,12 @@ def parse_header(obj: Json, line: int = 1) -> Header:
     if not isinstance(obj, dict):
         raise TraceError(line, None, f"the header must be a JSON object, got {_short(obj)}")
     if "refmodel_trace" not in obj:
-        raise TraceError(line, "refmodel_trace", "is missing: line 1 must be a trace header {\"refmodel_trace\": 1, ...}")
-    if obj["refmodel_trace"] != TRACE_VERSION or isinstance(obj["refmodel_trace"], bool):
-        raise TraceError(line, "refmodel_trace", f"version {_short(obj['refmodel_trace'])} is not supported (this is version {TRACE_VERSION})")
-    _validate(obj, "header", line)
+        raise TraceError(line, "refmodel_trace", "is missing: line 1 must be a trace header {\"refmodel_trace\": 2, ...}")
+    version = obj["refmodel_trace"]
+    if isinstance(version, bool) or version not in READ_VERSIONS:
+        raise TraceError(line, "refmodel_trace", f"version {_short(version)} is not supported (versions 1 and 2 are)")
+    with _version(int(version)):
+        _validate(obj, "header", line)
     maxphyaddr = int(obj["maxphyaddr"])
     mode = Mode(obj["mode"])
     memory: list[tuple[int, bytes]] = []
@@ -962,10 +998,13 @@ def parse_header(obj: Json, line: int = 1) -> Header:
         machine = MachineInit(int(m["nr_frames"]), int(m["hypervisor_frames"]), bool(m.get("tagged", True)),
                               int(m.get("batch_size", 32)))
     tlb = (int(obj["tlb"]["capacity"]), int(obj["tlb"]["ways"])) if "tlb" in obj else None
+    generator = obj.get("generator")
     header = Header(
         mode=mode, maxphyaddr=maxphyaddr, memory=tuple(memory), vcpus=vcpus,
         name=str(obj.get("name", "")), description=str(obj.get("description", "")),
         page1gb=bool(obj.get("page1gb", True)), tlb=tlb, machine=machine, domains=domains,
+        version=int(version),
+        generator=tuple((str(k), str(v)) for k, v in generator.items()) if isinstance(generator, dict) else None,
     )
     _check_header(header, line)
     return header
@@ -1093,21 +1132,18 @@ def parse_trace(data: bytes | str, source: str = "") -> Trace:
 def _parse_lines(lines: Sequence[bytes]) -> Trace:
     numbered = [(i + 1, raw) for i, raw in enumerate(lines) if raw.strip()]
     if not numbered:
-        raise TraceError(1, None, "empty trace: line 1 must be a header {\"refmodel_trace\": 1, ...}")
+        raise TraceError(1, None, "empty trace: line 1 must be a header {\"refmodel_trace\": 2, ...}")
     first_line, first = numbered[0]
     header = parse_header(decode_line(first, first_line), first_line)
-    steps = tuple(parse_op(decode_line(raw, n), header, n) for n, raw in numbered[1:])
+    with _version(header.version):
+        steps = tuple(parse_op(decode_line(raw, n), header, n) for n, raw in numbered[1:])
     return Trace(header, steps)
 
 
 def load_trace(path: str) -> Trace:
-    """Read and parse a trace file (``-`` is not special)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise RefmodelError(f"cannot read trace {path}: {err.strerror}") from None
-    return parse_trace(data, path)
+    """Read and parse a trace file (``-``: standard input, named ``<stdin>`` in
+    messages)."""
+    return parse_trace(read_input(path, "trace"), display_name(path))
 
 
 # ---------------------------------------------------------------------------------
@@ -1125,8 +1161,30 @@ def _frame_json(data: bytes) -> dict[str, str]:
     return out
 
 
+@cache
+def source_revision() -> str:
+    """The git commit of the refmodel source being run, with ``-dirty`` if its files
+    differ from it, or ``unknown`` (an installed copy, no git)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                 "refmodel", "specs"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not re.fullmatch(r"[0-9a-f]{40,64}", head):
+        return "unknown"
+    return head + ("-dirty" if status.strip() else "")
+
+
+def generator() -> dict[str, Json]:
+    """The ``generator`` of every header and ``index.json`` refmodel writes."""
+    return {"name": "refmodel", "version": __version__, "revision": source_revision()}
+
+
 def header_json(h: Header) -> dict[str, Json]:
-    out: dict[str, Json] = {"refmodel_trace": TRACE_VERSION}
+    out: dict[str, Json] = {"refmodel_trace": TRACE_VERSION, "generator": generator()}
     if h.name:
         out["name"] = h.name
     if h.description:
@@ -1194,7 +1252,7 @@ def op_json(op: Op) -> dict[str, Json]:
     elif isinstance(op, Invlpg):
         out["va"] = hex(op.va)
     elif isinstance(op, Invpcid):
-        out.update(type=op.type, pcid=hex(op.pcid), va=hex(op.va))
+        out.update(type=hex(op.type), pcid=hex(op.pcid), va=hex(op.va))
     elif isinstance(op, MmuUpdate):
         out["reqs"] = [{"ptr": hex(r.ptr), "val": hex(r.val)} for r in op.reqs]
         if op.foreigndom != 0x7FF0:
@@ -1204,7 +1262,7 @@ def op_json(op: Op) -> dict[str, Json]:
         if op.foreigndom != 0x7FF0:
             out["foreigndom"] = op.foreigndom
     elif isinstance(op, UpdateVaMapping):
-        out.update(va=hex(op.va), val=hex(op.val), flags=op.flags)
+        out.update(va=hex(op.va), val=hex(op.val), flags=hex(op.flags))
     elif isinstance(op, Multicall):
         out["calls"] = [op_json(c) for c in op.calls]
     else:

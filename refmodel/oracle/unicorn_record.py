@@ -52,22 +52,32 @@ from .trace import (
     op_name,
     page_fault_obs,
 )
-from .unicorn_adapter import (
-    HARNESS_FRAME_BASE,
-    HARNESS_PML4_SLOT,
-    HARNESS_VA_BASE,
-    MAXPHYADDR,
-    UcAccess,
-    UcAccessKind,
-    UcInvlpg,
-    UcMachine,
-    UcMovCr3,
-    UcPhysWrite,
-    UcResult,
-    UcRun,
-    UcStep,
-    run_on_unicorn,
-)
+
+try:
+    from .unicorn_adapter import (
+        HARNESS_FRAME_BASE,
+        HARNESS_PML4_SLOT,
+        HARNESS_VA_BASE,
+        MAXPHYADDR,
+        UcAccess,
+        UcAccessKind,
+        UcInvlpg,
+        UcMachine,
+        UcMovCr3,
+        UcPhysWrite,
+        UcResult,
+        UcRun,
+        UcStep,
+        run_on_unicorn,
+    )
+except ModuleNotFoundError as _missing:
+    # Run as a program without unicorn (an optional dependency): say so in one line
+    # instead of a traceback. Imported as a library, the error propagates as usual.
+    if __name__ != "__main__" or _missing.name not in ("unicorn", "unicorn.x86_const"):
+        raise
+    print("python -m refmodel.oracle.unicorn_record: error: needs unicorn, an optional dependency: "
+          "pip install 'refmodel[test]' (or pip install unicorn)", file=sys.stderr)
+    sys.exit(2)
 
 #: Register bits the harness reproduces (it sets PE, PG, PAE, LME, LMA itself).
 CR0_EXPRESSIBLE = int(Cr0.PE | Cr0.PG | Cr0.WP | Cr0.ET | Cr0.NE | Cr0.MP)
@@ -218,15 +228,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m refmodel.oracle.unicorn_record TRACE``: print the trace with
     QEMU's observations (JSON Lines) on stdout."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m refmodel.oracle.unicorn_record TRACE", file=sys.stderr)
+    if args in (["-h"], ["--help"]):
+        print(USAGE)
+        print("Print TRACE (a refmodel trace; - for standard input) with the observations QEMU's MMU makes, "
+              "through unicorn, as JSON Lines on stdout; then `refmodel check` compares them with the model.")
+        return 0
+    if len(args) != 1 or (args[0].startswith("-") and args[0] != "-"):
+        print(f"{PROG}: error: expected one argument, TRACE ({USAGE})", file=sys.stderr)
         return 2
     try:
         print(dump_trace(record(load_trace(args[0]))), end="")
     except RefmodelError as err:
-        print(f"unicorn_record: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
+
+
+PROG = "python -m refmodel.oracle.unicorn_record"
+USAGE = f"usage: {PROG} TRACE"
 
 
 if __name__ == "__main__":
