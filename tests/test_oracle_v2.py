@@ -106,3 +106,15 @@ def test_index_json_follows_its_schema_and_names_the_generator(tmp_path: Path) -
     assert all((tmp_path / entry["path"]).is_file() for entry in index["fixtures"])
     broken = dict(index, count="3")
     assert not Draft202012Validator(index_schema).is_valid(broken)
+
+
+def test_no_schema_repeats_a_key() -> None:
+    """A strict JSON reader refuses an object with a repeated key."""
+    def strict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        assert not repeated, f"repeated keys {repeated}"
+        return dict(pairs)
+
+    for name in ("schema-v1.json", "schema-v2.json", INDEX_SCHEMA_NAME):
+        json.loads(resources.files("refmodel.oracle").joinpath(name).read_text(), object_pairs_hook=strict)
