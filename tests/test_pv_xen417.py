@@ -11,7 +11,7 @@ from refmodel.arch.pte import Level, PteFlag
 from refmodel.arch.walk import Translation
 from refmodel.hv.machine import DOMID_SELF
 from refmodel.arch.types import PAGE_SHIFT
-from refmodel.hv.pv import Errno, MmuextCmd, MmuextOp, MmuUpdate, PvStat, PvVcpu, neg
+from refmodel.hv.pv import Errno, MmuCmd, MmuextCmd, MmuextOp, MmuUpdate, PvStat, PvVcpu, neg
 from refmodel.hv.pv.hypercall import mmu_update, mmuext_op, update_va_mapping_otherdomain
 from refmodel.hv.pv.adjust import adjust_guest_l1e
 from refmodel.hv.pv.pteflags import PTE_ADDR_BITS
@@ -290,3 +290,18 @@ def test_validation_rewrites_the_entries_of_a_new_table(world: PvWorld) -> None:
     world.machine.mem.write_u64(world.maddr(l4, 0), world.entry(L3, int(PteFlag.P)))
     assert world.pin(l4, Level.L4) == 0
     assert world.read(l4, 0) == world.entry(L3, int(PteFlag.P | PteFlag.US | PteFlag.A))
+
+
+# -- 7. PRESERVE_AD keeps A/D in page-table entries only (found by the differential, seed 123) ---------
+@pytest.mark.parametrize("in_use", [False, True], ids=["untyped", "writable-in-use"])
+def test_preserve_ad_into_a_frame_that_is_no_page_table_is_a_plain_write(world: PvWorld, in_use: bool) -> None:
+    """``do_mmu_update`` writes a frame that is no page table with
+    ``paging_write_guest_entry`` (xen/arch/x86/mm.c 4190, 4201): the value as given,
+    whatever the command; only ``update_intpte`` (page-table entries) keeps A/D."""
+    page = DATA + 4
+    if in_use:
+        assert world.map_page(0x1000, page, USER_RW) == 0  # a writable type reference
+    ad = int(PteFlag.A | PteFlag.D)
+    assert world.update(page, 3, 0x1234 | ad) == 0
+    assert world.update(page, 3, 0x5600, MmuCmd.PT_UPDATE_PRESERVE_AD) == 0
+    assert world.read(page, 3) == 0x5600

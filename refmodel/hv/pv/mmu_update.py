@@ -10,6 +10,9 @@ of an entry; Xen dispatches on the *current type* of the frame holding it:
 - a frame whose type is not in use -> taken as writable for the store (a plain write);
 - a writable page in use -> a plain write; any other type -> -EINVAL.
 
+A plain write stores the value as given, for every command: PRESERVE_AD keeps the
+A/D bits only of page-table entries.
+
 TLB: Xen does not flush after an L1 change — the guest asks for the flush it needs.
 After a batch in which some L2..L4 entry changed, Xen flushes once ("flush_linear_pt
 requires a FLUSH_TLB to all dirty CPUs"), because the guest's linear page-table
@@ -153,7 +156,7 @@ def pt_update(v: PvVcpu, req: MmuUpdate, pg_owner: Domain) -> tuple[int, Level |
         # page_lock failed: the frame's type is not in use; write it as a writable page.
         if get_page_type(v.frames, mfn, PageType.WRITABLE):
             return neg(Errno.EINVAL), None
-        update_entry(v, req.maddr, req.val, preserve_ad)
+        plain_write(v, req.maddr, req.val)
         put_page_type(v.frames, mfn)
         return 0, None
     level = page.type.level
@@ -164,7 +167,7 @@ def pt_update(v: PvVcpu, req: MmuUpdate, pg_owner: Domain) -> tuple[int, Level |
             return neg(Errno.EINVAL), None
         return mod_upper_entry(v, req.maddr, req.val, mfn, level, preserve_ad), level
     if page.type is PageType.WRITABLE:
-        update_entry(v, req.maddr, req.val, preserve_ad)
+        plain_write(v, req.maddr, req.val)
         return 0, None
     return neg(Errno.EINVAL), None
 
@@ -179,6 +182,13 @@ def machphys_update(v: PvVcpu, req: MmuUpdate, pg_owner: Domain) -> int:
         return neg(Errno.EINVAL)  # "Could not get page for mach->phys update"
     v.machine.m2p[mfn] = GFN(req.val)
     return 0
+
+
+def plain_write(v: PvVcpu, maddr: int, value: int) -> None:
+    """A store into a frame that is no page table (``paging_write_guest_entry``,
+    xen/arch/x86/mm.c 4190, 4201): ``value`` as given — MMU_PT_UPDATE_PRESERVE_AD
+    keeps A/D only in page-table entries (``update_intpte``)."""
+    v.machine.mem.write_u64(maddr, value)
 
 
 def update_entry(v: PvVcpu, maddr: int, new: int, preserve_ad: bool) -> None:
