@@ -16,7 +16,7 @@ from refmodel.oracle.trace import (
     Fetch, Invlpg, MmuextEntry, MmuextOp, MmuUpdate, MmuUpdateReq, Multicall, Op, Read, Trace, UpdateVaMapping, Write,
     dump_trace, parse_trace,
 )
-from refmodel.oracle.xen.generate import ProgramGenerator, generate
+from refmodel.oracle.xen.generate import CODE_OFFSET, CODE_SLOT, ProgramGenerator, generate, window_va
 from refmodel.oracle.xen.layout import dom0_header, synthetic_layout
 from refmodel.oracle.xen.program import (
     FOREIGN_BASE, MAGIC, MASK_VA, SCRATCH_VA, SYM_BOOT_L3, SYM_BOOT_L4, FrameMap, Kind, Tag, encode, to_machine,
@@ -135,3 +135,21 @@ def test_generated_programs_reach_every_answer() -> None:
                 answers["gp"] += 1
     for want in (0, -1, -3, -16, -22, -38, -95, ("pf", 0), ("pf", 2), ("pf", 3), ("pf", 0x10), ("pf", 0x11), "gp"):
         assert answers[want], (want, answers)
+
+
+def test_a_walk_into_dom0s_own_tables_is_not_predicted() -> None:
+    """Seed 121: boot L4 slot 2 (the code window) pointed at the boot L4 itself (a
+    read-only linear entry), so a code-window walk went on through dom0's boot L3
+    and L2. The generator's model runs on a synthetic dom0 whose tables there differ
+    from real Xen's: it predicted a fault where Xen's walk reached a page-table
+    frame, and a fetch ran its bytes (#UD). Such a walk is unknown, not empty."""
+
+    gen = ProgramGenerator(121)
+    gen.prologue()
+    va = window_va(CODE_SLOT) + CODE_OFFSET
+    assert (targets := gen.targets(va)) is not None and targets <= gen.code
+    recursive = (SYM_BOOT_L4 << PAGE_SHIFT) | 0x65  # P|U|A|D, read-only: a linear entry
+    gen.emit(MmuUpdate((MmuUpdateReq((SYM_BOOT_L4 << PAGE_SHIFT) + CODE_SLOT * 8, recursive),)))
+    assert gen.read_entry(SYM_BOOT_L4, CODE_SLOT) & ~0xFFF == SYM_BOOT_L4 << PAGE_SHIFT
+    gen.emit(MmuextOp((MmuextEntry(6, 0),)))  # MMUEXT_TLB_FLUSH_LOCAL: no stale translation either
+    assert gen.targets(va) is None

@@ -171,13 +171,21 @@ class ProgramGenerator:
     def targets(self, va: int) -> set[int] | None:
         """Every program frame an access to ``va`` may reach: a walk of the current
         tables (rights ignored) and every translation a TLB may still hold. None
-        if some reachable frame is not a program frame we know."""
+        if some reachable frame is not a program frame we know, or if the walk
+        reads a table whose content only real Xen knows: dom0's own boot tables
+        other than the boot L4 (the generator's model runs on a synthetic dom0,
+        :func:`~.layout.synthetic_layout`; a recursive boot-L4 entry leads a walk
+        into them, and a fetch or write it predicts to fault may, on Xen, run
+        dom0's page-table bytes or overwrite them — seed 121)."""
         found: set[int] = set()
         base = self.vcpu.guest_table
         assert base is not None
         table = int(base)
         mem = self.model.machine.mem
         for level in (Level.L4, Level.L3, Level.L2, Level.L1):
+            known = self.inverse.get(table, -1)
+            if known != SYM_BOOT_L4 and known not in self.sandbox:
+                return None
             entry = mem.read_u64((table << PAGE_SHIFT) + ((va >> level.index_shift) & 511) * 8)
             if not entry & PteFlag.P:
                 break
