@@ -77,6 +77,14 @@ FAR_FRAME = 1 << 32
 
 #: Entry flags a present upper-level entry usually carries (P|RW|US|A|D).
 TABLE_FLAGS = 0x67
+#: Flags new upper-level entries start from: mostly TABLE_FLAGS, but also without U,
+#: A or D, which Xen adds (``adjust_guest_l2e`` .. ``_l4e``) or the walk sets.
+UPPER_BASES = (TABLE_FLAGS, TABLE_FLAGS, 0x63, 0x47, 0x43, 0x27)
+#: Flags new leaves start from: user read-write and read-only, and kernel mappings
+#: (no U: Xen adds U and ``_PAGE_GUEST_KERNEL``), some global.
+LEAF_BASES = (0x67, 0x67, 0x25, 0x63, 0x23, 0x167, 0x163)
+#: How many recently written entries a read-back chooses from.
+RECENT = 16
 #: Bits a bit flip may touch: flags 0-11, Xen's AVAIL_HIGH 52-62, NX 63.
 FLIP_BITS = tuple(range(12)) + tuple(range(52, 64))
 
@@ -134,6 +142,7 @@ class ProgramGenerator:
         self.code = set(self.roles.code)
         self.data = set(self.roles.data)
         self.sandbox = set(frames)
+        self.written: list[tuple[int, int]] = []  #: (frame, slot) of the latest requests
         self.inverse = {mfn: f for f, mfn in enumerate(self.layout.p2m)}
         for k, mfn in enumerate(self.layout.foreign):
             self.inverse[mfn] = FOREIGN_BASE + k
@@ -246,6 +255,8 @@ class ProgramGenerator:
         return self.rng.choice((0, 0, 0, 0, 2, 3))
 
     def pt_req(self, frame: int, slot: int, value: int) -> MmuUpdateReq:
+        self.written.append((frame, slot))
+        del self.written[:-RECENT]
         return MmuUpdateReq((frame << PAGE_SHIFT) | (slot * 8) | self.cmd_bits(), value)
 
     # -- requests ------------------------------------------------------------------------------
@@ -258,7 +269,7 @@ class ProgramGenerator:
         child = self.rng.choice(self.roles.of_level(level - 1)) if self.chance(0.8) else self.hostile_frame()
         if self.chance(0.1):
             child = table  # a linear (recursive) entry
-        value = (child << PAGE_SHIFT) | self.flags(TABLE_FLAGS)
+        value = (child << PAGE_SHIFT) | self.flags(self.rng.choice(UPPER_BASES))
         if self.chance(0.1):
             value &= ~int(PteFlag.RW)
         return self.pt_req(table, slot, value)
@@ -270,7 +281,7 @@ class ProgramGenerator:
             return None
         pool = self.roles.data if self.chance(0.7) else self.roles.code
         target = self.rng.choice(pool) if self.chance(0.8) else self.hostile_frame()
-        value = (target << PAGE_SHIFT) | self.flags(0x67 if self.chance(0.7) else 0x25)
+        value = (target << PAGE_SHIFT) | self.flags(self.rng.choice(LEAF_BASES))
         if self.chance(0.1):
             value = self.rng.choice((0, 0x2 | (target << PAGE_SHIFT), self.rng.getrandbits(64) & ~1))
         return self.pt_req(l1, slot, value)
@@ -415,10 +426,14 @@ class ProgramGenerator:
         return Fetch(va)
 
     def op_read_back(self) -> Op:
-        """Map any frame read-only at SCRATCH_VA and read one entry of it."""
-        frame = self.rng.choice([SYM_BOOT_L4] + self.roles.all())
+        """Map a frame read-only at SCRATCH_VA and read one entry of it: half the
+        time one a recent request wrote (what Xen stored there), else any."""
+        if self.written and self.chance(0.5):
+            frame, slot = self.rng.choice(self.written)  # an entry a request named lately
+        else:
+            frame = self.rng.choice([SYM_BOOT_L4] + self.roles.all())
+            slot = self.rng.choice((0, 1, 2, 3, 300, 511, self.rng.randrange(512)))
         self.emit(UpdateVaMapping(SCRATCH_VA, (frame << PAGE_SHIFT) | 0x1, 2))
-        slot = self.rng.choice((0, 1, 2, 3, 300, 511, self.rng.randrange(512)))
         if frame == SYM_BOOT_L4 and 256 <= slot <= 271:
             slot = 1  # Xen's own slots hold Xen's mappings, which the model does not have
         return Read(SCRATCH_VA + 8 * slot)
